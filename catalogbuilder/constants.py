@@ -1,0 +1,113 @@
+"""Every constant of the pipeline in one place: model grids, label normalisation, DR19 calibration and flag bits.
+
+Sources: ../shared/SPEC.md §1–§6 (grids, stats, calibration, flags) and the DR19 APOGEENet data-model page.
+"""
+from __future__ import annotations
+
+import enum
+from functools import lru_cache
+
+import numpy as np
+
+# --- APOGEE apStar grid (vacuum, log-linear): log10(lambda/Å) = CRVAL1 + CDELT1 * i -------------------------
+APOGEE_LOGLAM0: float = 4.179
+APOGEE_DLOGLAM: float = 6e-6
+APOGEE_NPIX: int = 8575
+
+# --- common optical grid for BOSS and LAMOST (Å, linear) ------------------------------------------------------
+OPTICAL_MIN_AA: float = 3800.0
+OPTICAL_MAX_AA: float = 8900.0
+OPTICAL_NPIX: int = 3900
+
+GRID_APOGEE = "apogee"
+GRID_OPTICAL = "optical"
+GRIDS: tuple[str, ...] = (GRID_APOGEE, GRID_OPTICAL)
+
+SURVEYS: tuple[str, ...] = ("apogee", "boss", "lamost")
+SURVEY_GRID: dict[str, str] = {"apogee": GRID_APOGEE, "boss": GRID_OPTICAL, "lamost": GRID_OPTICAL}
+KIND_COMBINED = "combined"
+KIND_VISIT = "visit"
+
+
+@lru_cache(maxsize=None)
+def apogee_wavelength() -> np.ndarray:
+    """apStar wavelength grid in Å (float64, 8575 px, 15100.8–16999.8 Å)."""
+    return 10.0 ** (APOGEE_LOGLAM0 + APOGEE_DLOGLAM * np.arange(APOGEE_NPIX))
+
+
+@lru_cache(maxsize=None)
+def optical_wavelength() -> np.ndarray:
+    """Optical model grid in Å: exactly ``torch.linspace(3800, 8900, 3900)`` in float32 (the reference grid;
+    344 values differ by one ulp from numpy's linspace)."""
+    import torch
+
+    return torch.linspace(OPTICAL_MIN_AA, OPTICAL_MAX_AA, OPTICAL_NPIX).numpy()
+
+
+def grid_wavelength(grid: str) -> np.ndarray:
+    """Wavelength array (Å) of a model grid by name (``apogee`` or ``optical``)."""
+    if grid == GRID_APOGEE:
+        return apogee_wavelength()
+    if grid == GRID_OPTICAL:
+        return optical_wavelength()
+    raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
+
+
+# --- label normalisation (network outputs are z-scores: value = out * STD + MEAN) ----------------------------
+# BossNet family output order; BOSS Net adds rv (km/s).
+BOSSNET_PARAMS_APOGEE: tuple[str, ...] = ("logg", "logTeff", "FeH")
+BOSSNET_PARAMS_BOSS: tuple[str, ...] = ("logg", "logTeff", "FeH", "rv")
+LABEL_STATS: dict[str, dict[str, tuple[float, float]]] = {
+    # name -> {param: (MEAN, STD)}
+    "apogee": {"logg": (3.2, 1.2), "logTeff": (3.7, 0.1), "FeH": (-0.2, 0.3)},
+    "boss": {"logg": (3.9, 0.9), "logTeff": (3.8, 0.1), "FeH": (-0.4, 0.5), "rv": (-7.4, 60.9)},
+    "apogeenet2": {"logTeff": (3.67057, 0.09177), "logg": (2.92578, 1.18907), "FeH": (-0.13088, 0.25669)},
+    "apogeenet1": {"logg": (2.88, 1.16), "Teff": (4716.92, 733.01), "FeH": (-0.22, 0.30)},
+}
+
+# --- preprocessing (SPEC §2) ---------------------------------------------------------------------------------
+FLUX_FLOOR: float = 1e-6
+CLIP_QUANTILE: float = 0.95
+CLIP_OFFSET: float = 1.0  # clip log flux above quantile + 1 (reference code, not the DR19 prose)
+
+# --- Monte-Carlo uncertainties (SPEC §4) ---------------------------------------------------------------------
+DEFAULT_DRAWS: int = 20
+ERROR_CAP_FACTOR: float = 5.0  # cap pixel errors at 5 x the spectrum's median error
+DEFAULT_ERROR_FRACTION: float = 0.1  # all-bad error: 0.1 x median(flux)
+
+# --- DR19 error calibration (SPEC §5): recommended = scale * raw + offset -------------------------------------
+ERROR_CALIBRATION: dict[str, tuple[float, float]] = {
+    "teff": (1.25, 10.0),  # K
+    "logg": (1.25, 0.01),  # dex
+    "fe_h": (1.0, 0.01),  # dex
+}
+
+
+class ResultFlag(enum.IntFlag):
+    """DR19 ``result_flags`` bits (SPEC §6)."""
+
+    TEFF_UNRELIABLE = 1 << 0
+    LOGG_UNRELIABLE = 1 << 1
+    FE_H_UNRELIABLE = 1 << 2
+    E_TEFF_UNRELIABLE = 1 << 3
+    E_LOGG_UNRELIABLE = 1 << 4
+    E_FE_H_UNRELIABLE = 1 << 5
+    E_TEFF_LARGE = 1 << 6
+    E_LOGG_LARGE = 1 << 7
+    E_FE_H_LARGE = 1 << 8
+    MISSING_PHOTOMETRY = 1 << 9
+    RESULT_UNRELIABLE = 1 << 10
+    NO_RESULT = 1 << 11
+
+
+FLAG_WARN_MASK = ResultFlag.E_TEFF_LARGE | ResultFlag.E_LOGG_LARGE | ResultFlag.E_FE_H_LARGE | ResultFlag.MISSING_PHOTOMETRY
+FLAG_BAD_MASK = (
+    ResultFlag.RESULT_UNRELIABLE
+    | ResultFlag.TEFF_UNRELIABLE
+    | ResultFlag.LOGG_UNRELIABLE
+    | ResultFlag.FE_H_UNRELIABLE
+    | ResultFlag.E_TEFF_UNRELIABLE
+    | ResultFlag.E_LOGG_UNRELIABLE
+    | ResultFlag.E_FE_H_UNRELIABLE
+    | ResultFlag.NO_RESULT
+)

@@ -1,0 +1,30 @@
+"""Shared fixtures: the development data in ../shared (skipped when absent) and the shipped sample."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("CATALOGBUILDER_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ../shared folder (SPEC, data, conformance); tests using it skip cleanly when it is absent."""
+    if not (SHARED_DIR / "data").is_dir():
+        pytest.skip(f"../shared not found at {SHARED_DIR}")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_data(shared_dir: Path) -> Path:
+    """../shared/data: real public survey files (see its PROVENANCE.md)."""
+    return shared_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def conformance_dir(shared_dir: Path) -> Path:
+    """../shared/conformance: reference vectors of the BossNet family."""
+    return shared_dir / "conformance"
