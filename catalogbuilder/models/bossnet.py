@@ -1,0 +1,201 @@
+"""The BossNet network family: APOGEE Net III ("ANet v3", 3 targets, APOGEE grid) and BOSS Net (4 targets, optical grid).
+
+One definition serves both; it is built from the keys of the official ``model_args.yaml`` and its ``state_dict`` keys and
+shapes equal the reference implementation's (``conformance/official_shapes.json``), so the SDSS weights load unchanged and
+strictly. Architecture (SPEC §3): a sin(pixel index) positional channel stacked after the flux channel → ConvBlock
+(Conv1d k, padding k//2, BatchNorm, ELU, MaxPool 2) → residual blocks between ``model_dim * dim_mults[i]`` channels
+→ AdaptiveAvgPool1d → flatten (channel-major) → ``num_linear`` × (Linear + ReLU) → Linear to the targets (z-scores).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+MODEL_ARGS_FILE = "model_args.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class BossNetConfig:
+    """Constructor arguments of a BossNet, with the key names of the official ``model_args.yaml``.
+
+    ``in_channels`` is kept only so the file round-trips: the reference ignores it (the first convolution has 2 input
+    channels with ``pos_enc``, 1 without), and so does this implementation.
+    """
+
+    model_dim: int
+    dim_mults: tuple[int, ...]
+    kernel_size: int
+    num_targets: int
+    adapt_pool_output_dim: int
+    num_linear: int
+    linear_dim: int
+    pos_enc: bool
+    in_channels: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dim_mults", tuple(int(m) for m in self.dim_mults))
+        positive = {name: getattr(self, name) for name in
+                    ("model_dim", "kernel_size", "num_targets", "adapt_pool_output_dim", "num_linear", "linear_dim")}
+        bad = {name: value for name, value in positive.items() if int(value) < 1}
+        if bad or not self.dim_mults or min(self.dim_mults) < 1:
+            raise ValueError(f"BossNet arguments must be positive integers with non-empty dim_mults; got {bad or self.dim_mults}")
+
+    @classmethod
+    def from_dict(cls, arguments: dict[str, Any]) -> BossNetConfig:
+        """Config from a ``model_args.yaml`` mapping; unknown or missing keys raise ``ValueError``."""
+        fields = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(arguments) - fields
+        if unknown:
+            raise ValueError(f"unknown BossNet model_args keys {sorted(unknown)}; expected {sorted(fields)}")
+        try:
+            return cls(**arguments)
+        except TypeError as error:  # a required key is missing
+            raise ValueError(f"incomplete BossNet model_args: {error}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> BossNetConfig:
+        """Read ``model_args.yaml`` (a file, or the model directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MODEL_ARGS_FILE
+        with open(path) as handle:
+            arguments = yaml.safe_load(handle)
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{path}: expected a mapping of BossNet constructor arguments")
+        return cls.from_dict(arguments)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping in the official key order (``dim_mults`` as a list)."""
+        arguments = dataclasses.asdict(self)
+        arguments["dim_mults"] = list(self.dim_mults)
+        order = ("in_channels", "model_dim", "dim_mults", "kernel_size", "num_targets", "adapt_pool_output_dim",
+                 "num_linear", "linear_dim", "pos_enc")
+        return {key: arguments[key] for key in order}
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write ``model_args.yaml`` (a file path, or a directory to write it into)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MODEL_ARGS_FILE
+        with open(path, "w") as handle:
+            yaml.safe_dump(self.to_dict(), handle, sort_keys=False, default_flow_style=None)
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channel count after the first convolution and after each residual block."""
+        return tuple(self.model_dim * mult for mult in self.dim_mults)
+
+
+class PositionalEncoding(nn.Module):
+    """One positional channel sin(i · inv_freq) of the float32 pixel index i (inv_freq = [1.0], the reference buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", torch.ones(1))
+
+    def forward(self, flux: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, pixels) → the positional channel broadcast to the same shape."""
+        index = torch.arange(flux.shape[-1], device=flux.device, dtype=self.inv_freq.dtype)
+        return torch.sin(index * self.inv_freq).to(flux.dtype).expand(flux.shape[0], 1, -1)
+
+
+class ConvBlock(nn.Module):
+    """Conv1d (with bias, padding k//2) → BatchNorm → ELU → MaxPool(2). An even k returns L+1 samples before pooling."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv_layer = nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.bn = nn.BatchNorm1d(out_channels)
+        self.pool = nn.MaxPool1d(kernel_size=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(nn.functional.elu(self.bn(self.conv_layer(x))))
+
+
+class ResidualBlock(nn.Module):
+    """Two bias-free Conv1d + BatchNorm with ELU between, residual added before the final ELU.
+
+    The second convolution uses padding k//2 − 1 for even k so the block keeps the length; when the channel count
+    grows, the residual is zero-padded on the channel axis with floor(Δ/2) channels before and the rest after.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        padding = kernel_size // 2
+        self.conv1 = nn.Conv1d(in_channels, out_channels, kernel_size, padding=padding, bias=False)
+        self.bn1 = nn.BatchNorm1d(out_channels)
+        self.conv2 = nn.Conv1d(out_channels, out_channels, kernel_size,
+                               padding=padding - 1 if kernel_size % 2 == 0 else padding, bias=False)
+        self.bn2 = nn.BatchNorm1d(out_channels)
+        growth = out_channels - in_channels
+        self.channel_padding = (0, 0, growth // 2, growth - growth // 2)  # (pixel before/after, channel before/after)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.elu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        residual = nn.functional.pad(x, self.channel_padding) if any(self.channel_padding) else x
+        return nn.functional.elu(out + residual)
+
+
+class LinearBlock(nn.Module):
+    """Linear → ReLU."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear_layer = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.relu(self.linear_layer(x))
+
+
+class BossNet(nn.Module):
+    """The BossNet network; input (batch, 1, pixels) or (batch, pixels) preprocessed flux, output (batch, targets) z-scores."""
+
+    def __init__(self, config: BossNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        channels = config.channels
+        self.pos_enc = PositionalEncoding() if config.pos_enc else None
+        self.first_conv = ConvBlock(2 if config.pos_enc else 1, channels[0], config.kernel_size)
+        self.res_blocks = nn.ModuleList(
+            ResidualBlock(c_in, c_out, config.kernel_size) for c_in, c_out in zip(channels[:-1], channels[1:])
+        )
+        self.adapt_pool = nn.AdaptiveAvgPool1d(config.adapt_pool_output_dim)
+        linear_input = channels[-1] * config.adapt_pool_output_dim
+        self.linear_sequential = nn.Sequential(
+            LinearBlock(linear_input, config.linear_dim),
+            *(LinearBlock(config.linear_dim, config.linear_dim) for _ in range(config.num_linear - 1)),
+            nn.Linear(config.linear_dim, config.num_targets),
+        )
+
+    def forward(self, flux: torch.Tensor) -> torch.Tensor:
+        if flux.ndim == 2:
+            flux = flux.unsqueeze(1)
+        if flux.ndim != 3 or flux.shape[1] != 1:
+            raise ValueError(f"BossNet expects (batch, pixels) or (batch, 1, pixels); got {tuple(flux.shape)}")
+        x = torch.cat([flux, self.pos_enc(flux)], dim=1) if self.pos_enc is not None else flux
+        x = self.first_conv(x)
+        for block in self.res_blocks:
+            x = block(x)
+        return self.linear_sequential(self.adapt_pool(x).flatten(1))
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a state_dict strictly (every key and shape must match), with a clear error otherwise."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        wrong_shape = sorted(key for key in set(expected) & set(state_dict)
+                             if tuple(expected[key].shape) != tuple(state_dict[key].shape))
+        if missing or unexpected or wrong_shape:
+            raise ValueError(
+                "weights do not match model_args.yaml: "
+                f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
+                f"wrong shape {[(key, tuple(state_dict[key].shape), tuple(expected[key].shape)) for key in wrong_shape[:5]]}"
+            )
+        self.load_state_dict(state_dict, strict=True)

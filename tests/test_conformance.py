@@ -1,0 +1,103 @@
+"""Conformance of the BossNet family with the reference implementation (../shared/conformance, see its README).
+
+Every config folder holding ``vectors.npz`` is checked: preprocessing of the reference flux reproduces ``model_input``
+(≤ 1e-5 abs), the network reproduces ``network_output`` (≤ 1e-5 abs) and the de-normalised labels reproduce
+``predictions`` (≤ 1e-4 × max(1, |ref|)). The official configurations must have the reference state_dict layout.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from catalogbuilder.models.bossnet import BossNet, BossNetConfig
+from catalogbuilder.models.preprocess import load_label_stats, log_scale_flux, unnormalize
+from catalogbuilder.models.weights import load_state_dict
+
+INPUT_TOLERANCE = 1e-5
+OUTPUT_TOLERANCE = 1e-5
+PREDICTION_TOLERANCE = 1e-4
+
+OFFICIAL_ARGS = dict(model_dim=4, dim_mults=[1, 2, 4, 8, 16], kernel_size=30, adapt_pool_output_dim=1024,
+                     num_linear=6, linear_dim=1024, pos_enc=True, in_channels=1)
+OFFICIAL_TARGETS = {"model_apogee": 3, "model_boss": 4}
+
+
+def conformance_configs(conformance_dir: Path) -> list[Path]:
+    """Every reference config folder (one holding vectors.npz)."""
+    configs = sorted(path.parent for path in conformance_dir.glob("*/vectors.npz"))
+    assert configs, f"no */vectors.npz under {conformance_dir}"
+    return configs
+
+
+def reference_model_flux(vectors: np.lib.npyio.NpzFile) -> np.ndarray:
+    """Reference flux on the model grid: APOGEE rows as read; optical rows interpolated with the reference semantics
+    (NaN pixels and padding dropped, np.interp onto the float32 ``linear_grid``, edges held, float32 result)."""
+    if "linear_grid" not in vectors.files:
+        return vectors["raw_flux"]
+    grid = vectors["linear_grid"]
+    rows = []
+    for wavelength, flux in zip(vectors["raw_wavelength"], vectors["raw_flux"]):
+        keep = ~np.isnan(flux)
+        rows.append(np.interp(grid, wavelength[keep], flux[keep]).astype(np.float32))
+    return np.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def configs(conformance_dir: Path) -> list[Path]:
+    return conformance_configs(conformance_dir)
+
+
+def test_every_config_reproduces_reference(configs: list[Path]) -> None:
+    torch.set_num_threads(1)
+    for config_dir in configs:
+        vectors = np.load(config_dir / "vectors.npz")
+        network = BossNet(BossNetConfig.from_yaml(config_dir)).eval()
+        state_dict, _ = load_state_dict(config_dir)
+        network.load_weights(state_dict)
+
+        model_input = log_scale_flux(reference_model_flux(vectors))
+        np.testing.assert_allclose(model_input.numpy(), vectors["model_input"], rtol=0, atol=INPUT_TOLERANCE,
+                                   err_msg=f"{config_dir.name}: model_input")
+        with torch.inference_mode():
+            output = network(model_input)
+        np.testing.assert_allclose(output.numpy(), vectors["network_output"], rtol=0, atol=OUTPUT_TOLERANCE,
+                                   err_msg=f"{config_dir.name}: network_output")
+
+        labels = [str(name) for name in vectors["param_names"]]
+        predictions = unnormalize(output, labels, load_label_stats(config_dir, "apogee")).numpy()
+        reference = vectors["predictions"]
+        deviation = np.abs(predictions - reference) / np.maximum(1.0, np.abs(reference))
+        assert deviation.max() <= PREDICTION_TOLERANCE, f"{config_dir.name}: predictions deviate by {deviation.max():.2e}"
+
+
+def test_weights_checksum_is_of_concatenated_chunks(configs: list[Path]) -> None:
+    import hashlib
+
+    for config_dir in configs:
+        concatenated = b"".join((config_dir / f"model_chunk_{index}").read_bytes() for index in range(10))
+        _, sha256 = load_state_dict(config_dir)
+        assert sha256 == hashlib.sha256(concatenated).hexdigest()
+
+
+def test_official_configs_have_reference_state_dict_layout(conformance_dir: Path) -> None:
+    official = json.loads((conformance_dir / "official_shapes.json").read_text())
+    assert set(official) == set(OFFICIAL_TARGETS)
+    for name, num_targets in OFFICIAL_TARGETS.items():
+        with torch.device("meta"):  # ≈290 MB each if allocated; shapes only
+            network = BossNet(BossNetConfig.from_dict({**OFFICIAL_ARGS, "num_targets": num_targets}))
+        shapes = {key: list(value.shape) for key, value in network.state_dict().items()}
+        assert list(shapes) == list(official[name]), f"{name}: key order/names differ"
+        assert shapes == official[name], f"{name}: shapes differ"
+
+
+def test_mismatched_weights_are_refused(configs: list[Path]) -> None:
+    apogee_dir = next(path for path in configs if BossNetConfig.from_yaml(path).num_targets == 3)
+    boss_dir = next(path for path in configs if BossNetConfig.from_yaml(path).num_targets == 4)
+    network = BossNet(BossNetConfig.from_yaml(apogee_dir))
+    state_dict, _ = load_state_dict(boss_dir)
+    with pytest.raises(ValueError, match="do not match model_args"):
+        network.load_weights(state_dict)
