@@ -8,13 +8,22 @@ strictly. Architecture (SPEC §3): a sin(pixel index) positional channel stacked
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
+
+from catalogbuilder.constants import BOSSNET_PARAMS_BOSS, DEFAULT_DRAWS, GRID_APOGEE, GRID_OPTICAL, GRIDS, grid_wavelength
+from catalogbuilder.models.montecarlo import DEFAULT_MAX_BATCH, LABEL_TO_OUTPUT, canonical_outputs, monte_carlo_predict
+from catalogbuilder.models.preprocess import load_label_stats, log_scale_flux, unnormalize
+from catalogbuilder.models.registry import ModelInfo, SpectralModel, register_family
+from catalogbuilder.models.weights import load_state_dict
 
 MODEL_ARGS_FILE = "model_args.yaml"
 
@@ -199,3 +208,75 @@ class BossNet(nn.Module):
                 f"wrong shape {[(key, tuple(state_dict[key].shape), tuple(expected[key].shape)) for key in wrong_shape[:5]]}"
             )
         self.load_state_dict(state_dict, strict=True)
+
+
+class BossNetModel(SpectralModel):
+    """A loaded BossNet (ANet v3 or BOSS Net) behind the :class:`SpectralModel` interface.
+
+    Output columns of the network are the first ``num_targets`` of ``logg, logTeff, FeH, rv`` (SPEC §3).
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) and ``compile`` trade exactness for speed and are off by default;
+    conformance holds only with both off.
+    """
+
+    def __init__(self, network: BossNet, info: ModelInfo, grid: str, stats: dict[str, tuple[float, float]],
+                 weights_sha256: str, device: torch.device, max_batch: int = DEFAULT_MAX_BATCH,
+                 autocast_dtype: torch.dtype | None = None, compile: bool = False) -> None:
+        self.labels: tuple[str, ...] = BOSSNET_PARAMS_BOSS[:network.config.num_targets]
+        outputs = ["teff" if LABEL_TO_OUTPUT[label] == "logteff" else LABEL_TO_OUTPUT[label] for label in self.labels]
+        super().__init__(info, grid, weights_sha256, sorted(outputs, key=("teff", "logg", "fe_h", "rv").index), device)
+        self.network = network.to(device).eval()
+        self.stats = stats
+        self.max_batch = max_batch
+        self.autocast_dtype = autocast_dtype
+        self._forward = torch.compile(self.network) if compile else self.network
+        self.n_pixels = len(grid_wavelength(grid))
+
+    def predict_labels(self, flux: torch.Tensor, spectrum_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Preprocess + forward + de-normalise one batch of flux rows on the model grid → (rows, targets) labels."""
+        model_input = log_scale_flux(flux.to(self.device))
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            z_scores = self._forward(model_input.contiguous())
+        return unnormalize(z_scores.float(), self.labels, self.stats)
+
+    def predict(self, flux: np.ndarray, error: np.ndarray | None, draws: int = DEFAULT_DRAWS,
+                seeds: Sequence[int] | np.ndarray | None = None,
+                photometry: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """See :meth:`SpectralModel.predict`; ``photometry`` is not used by this family, ``error`` only when draws > 0."""
+        flux = np.asarray(flux, dtype=np.float32)
+        if flux.ndim != 2 or flux.shape[1] != self.n_pixels:
+            raise ValueError(f"{self.name}: flux must be (spectra, {self.n_pixels}) on the {self.grid} grid; "
+                             f"got {flux.shape}")
+        if error is None:
+            if draws > 0:
+                raise ValueError(f"{self.name}: Monte-Carlo draws need the flux errors")
+            error = np.zeros_like(flux)
+        if len(flux) == 0:
+            empty = np.empty((0, len(self.labels)))
+            return canonical_outputs(self.labels, empty, empty)
+        value, raw_error = monte_carlo_predict(flux, np.asarray(error, dtype=np.float32), self.predict_labels, draws,
+                                               seeds, self.device, self.max_batch)
+        return canonical_outputs(self.labels, value, raw_error)
+
+
+@register_family("bossnet")
+def load_bossnet(info: ModelInfo, device: torch.device, **options: Any) -> BossNetModel:
+    """Build a :class:`BossNetModel` from a model directory (``model_args.yaml``, weights, optional ``stats.yaml``).
+
+    Grid: ``info.grid`` if given, else optical when the model has 4 targets or its stats have ``rv``, else apogee.
+    Default stats (no ``stats.yaml``): ``constants.LABEL_STATS["boss"]`` for optical models, ``["apogee"]`` otherwise.
+    """
+    config = BossNetConfig.from_yaml(info.directory)
+    if config.num_targets > len(BOSSNET_PARAMS_BOSS):
+        raise ValueError(f"{info.directory}: BossNet has at most {len(BOSSNET_PARAMS_BOSS)} targets "
+                         f"{BOSSNET_PARAMS_BOSS}, model_args says {config.num_targets}")
+    optical_hint = info.grid == GRID_OPTICAL or (info.grid is None and config.num_targets == 4)
+    stats = load_label_stats(info.directory, "boss" if optical_hint else "apogee")
+    grid = info.grid or (GRID_OPTICAL if config.num_targets == 4 or "rv" in stats else GRID_APOGEE)
+    if grid not in GRIDS:
+        raise ValueError(f"{info.directory}: grid {grid!r} is not one of {GRIDS}")
+    network = BossNet(config)
+    state_dict, weights_sha256 = load_state_dict(info.directory)
+    network.load_weights(state_dict)
+    return BossNetModel(network, info, grid, stats, weights_sha256, device, **options)
