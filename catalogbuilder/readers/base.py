@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import io
+import zlib
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from astropy.io import fits
+
+from catalogbuilder.constants import ERROR_CAP_FACTOR
 
 READER_VERSION = "1"
 
@@ -57,3 +63,113 @@ def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
         while chunk := handle.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- helpers shared by the survey readers ---------------------------------------------------------------------
+
+# Model-grid pixel with no native pixel under it (outside a spectrum's wavelength range or in an APOGEE chip gap
+# after resampling an apVisit). Above every survey's own bits (APOGEE PIXMASK, SDSS SPPIXMASK and LAMOST andmask
+# all fit in 32 bits), so it never collides with them.
+PIXMASK_NO_COVERAGE: int = 1 << 40
+
+_GZIP_MAGIC = b"\x1f\x8b"
+# Header values that mean "missing" in SDSS/LAMOST headers (e.g. -9999.99 photometry, 99 magnitudes).
+_MISSING_MAGNITUDE_LIMIT = 50.0
+
+
+def load_hdul(path: str | Path) -> fits.HDUList:
+    """Read a FITS file (plain or gzip-compressed, detected from its bytes) fully into memory.
+
+    The file is opened read-only and never modified; no memory map is kept, so a later change of the file cannot
+    change the arrays. Raises :class:`ReaderError` for a missing, unreadable, truncated or non-FITS file.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ReaderError(f"cannot read file: {exc.strerror or exc}") from exc
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ReaderError(f"corrupt or truncated gzip file: {exc}") from exc
+    if not raw:
+        raise ReaderError("empty file")
+    try:
+        hdul = fits.open(io.BytesIO(raw), mode="readonly", memmap=False, lazy_load_hdus=False)
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ReaderError(f"not a readable FITS file: {exc}") from exc
+    for index in range(len(hdul)):
+        info = hdul.fileinfo(index)
+        if info["datLoc"] + info["datSpan"] > len(raw):
+            raise ReaderError(
+                f"truncated FITS file: HDU {index} needs {info['datLoc'] + info['datSpan']} bytes, file has {len(raw)}"
+            )
+    return hdul
+
+
+def hdu_data(hdul: fits.HDUList, key: int | str) -> np.ndarray | fits.FITS_rec:
+    """Data of one HDU; :class:`ReaderError` when the HDU is missing, empty or its bytes do not decode."""
+    try:
+        data = hdul[key].data
+    except (KeyError, IndexError) as exc:
+        raise ReaderError(f"missing HDU {key!r}") from exc
+    except (ValueError, TypeError, OSError) as exc:
+        raise ReaderError(f"HDU {key!r} cannot be decoded: {exc}") from exc
+    if data is None:
+        raise ReaderError(f"HDU {key!r} holds no data")
+    return data
+
+
+def header_number(header: fits.Header, *keys: str, magnitude: bool = False) -> float:
+    """First of ``keys`` present in ``header`` with a finite numeric value, as float; NaN if none.
+
+    With ``magnitude=True`` the SDSS/LAMOST placeholders for a missing magnitude (|value| >= 50, e.g. 99 or
+    -9999.99) also count as missing.
+    """
+    for key in keys:
+        value = header.get(key)
+        if isinstance(value, bool) or value is None:
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if not np.isfinite(number) or (magnitude and abs(number) >= _MISSING_MAGNITUDE_LIMIT):
+            continue
+        return number
+    return float("nan")
+
+
+def header_text(header: fits.Header, *keys: str) -> str:
+    """First of ``keys`` present in ``header`` with a non-blank value, stripped; empty string if none."""
+    for key in keys:
+        value = header.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return ""
+
+
+def reverse_inverse_error(inverse_variance: np.ndarray, default_error: float) -> np.ndarray:
+    """1σ error from inverse variance, exactly as the BOSS Net reference (``reverse_inverse_error``).
+
+    NaN ivar counts as 0; error = (1/ivar)**0.5 in the dtype of ``inverse_variance`` (inf where ivar = 0, NaN where
+    ivar < 0). If every error is inf, ``default_error`` (0.1 × median flux by convention) is used everywhere. Then
+    errors are capped at 5 × the median of the non-inf errors and NaN errors are set to that cap.
+    """
+    inverse_variance = np.nan_to_num(np.asarray(inverse_variance))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        error = np.divide(1, inverse_variance) ** 0.5
+        if np.isinf(error).all():
+            error = np.full(error.shape, default_error).astype(inverse_variance.dtype)
+        cap = ERROR_CAP_FACTOR * np.nanmedian(error[error != np.inf])
+    error = np.clip(error, a_min=None, a_max=cap)
+    return np.where(np.isnan(error), cap, error)
+
+
+def check_measured(flux: np.ndarray, inverse_variance: np.ndarray | None = None) -> None:
+    """Reject a spectrum with nothing measured: all-NaN flux, or (when given) no positive finite ivar."""
+    if not np.isfinite(flux).any():
+        raise ReaderError("flux is NaN or infinite everywhere")
+    if inverse_variance is not None and not (np.isfinite(inverse_variance) & (inverse_variance > 0)).any():
+        raise ReaderError("inverse variance is zero everywhere (nothing measured)")
