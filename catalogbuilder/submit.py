@@ -1,0 +1,118 @@
+"""``dask-submit``: run a workflow file against a Dask cluster.
+
+    dask-submit WORKFLOW.py [--cluster YAML | --scheduler-file F | --address A | --runner slurm] [--workers N]
+                [workflow args...] [-- more workflow args...]
+
+The workflow file defines ``main(client, argv) -> int | None`` (:data:`ENTRY_POINT`): ``client`` is the
+``distributed.Client`` from :func:`catalogbuilder.cluster.connect`, ``argv`` the arguments dask-submit did not
+recognise, in order (everything after a ``--`` is passed on untouched). The file is imported as the module
+named after it (``dr19.py`` -> ``dr19``) here and on the workers. With no cluster option a local CPU
+cluster is started for the run and closed after it. (The ``dask-submit`` of old distributed releases was
+removed in 2019; this one is catalogbuilder's own.)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+from distributed import Client
+
+from catalogbuilder.cluster import add_cluster_arguments, connect_from_args
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT = "main"
+WorkflowMain = Callable[[Client, list[str]], "int | None"]
+
+
+class WorkflowError(Exception):
+    """A workflow file that cannot be loaded or has no entry point."""
+
+
+def load_workflow(path: str | Path) -> WorkflowMain:
+    """Import a workflow file as the module named after it and return its ``main(client, argv)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkflowError(f"workflow file not found: {path}")
+    if path.suffix != ".py" or not path.stem.isidentifier():
+        raise WorkflowError(f"a workflow is a Python file named like a module (e.g. dr19.py), got {path.name}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise WorkflowError(f"cannot import {path}")
+    module: ModuleType = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    entry = getattr(module, ENTRY_POINT, None)
+    if not callable(entry):
+        raise WorkflowError(f"{path} defines no {ENTRY_POINT}(client, argv) function")
+    return entry
+
+
+def build_parser(prog: str = "dask-submit", with_workflow: bool = True) -> argparse.ArgumentParser:
+    """Options of dask-submit (``with_workflow=False``: those of a workflow file run as a script)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,  # an abbreviation must never swallow a workflow's own option
+        epilog="Arguments not recognised here, and everything after '--', are passed to the workflow's main().",
+    )
+    if with_workflow:
+        parser.add_argument("workflow", metavar="WORKFLOW.py", help="workflow file defining main(client, argv)")
+    add_cluster_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    return parser
+
+
+def split_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our options from ``argv``, and the workflow's arguments (unrecognised ones, then all after ``--``)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        ours, verbatim = argv[:cut], argv[cut + 1 :]
+    else:
+        ours, verbatim = argv, []
+    args, rest = parser.parse_known_args(ours)
+    return args, rest + verbatim
+
+
+def run(
+    entry: WorkflowMain, args: argparse.Namespace, workflow_argv: list[str], workflow_file: Path | None = None
+) -> int:
+    """Connect as ``args`` says, run ``entry(client, workflow_argv)`` and return its exit status.
+
+    ``workflow_file`` is uploaded to the workers (``Client.upload_file``, also to workers that join later) so
+    that functions defined in it can run there."""
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    with connect_from_args(args) as client:
+        if workflow_file is not None:
+            client.upload_file(str(workflow_file))
+        log.info("running workflow on %s", client)
+        return int(entry(client, workflow_argv) or 0)
+
+
+def script_main(entry: WorkflowMain, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Let a workflow file run as ``python WORKFLOW.py [cluster options] [workflow args]`` too."""
+    parser = build_parser(prog=prog or Path(sys.argv[0]).name, with_workflow=False)
+    args, workflow_argv = split_arguments(parser, list(sys.argv[1:] if argv is None else argv))
+    return run(entry, args, workflow_argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dask-submit`` console script."""
+    parser = build_parser()
+    args, workflow_argv = split_arguments(parser, list(sys.argv[1:] if argv is None else argv))
+    try:
+        entry = load_workflow(args.workflow)
+    except WorkflowError as error:
+        parser.error(str(error))
+    return run(entry, args, workflow_argv, workflow_file=Path(args.workflow))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
