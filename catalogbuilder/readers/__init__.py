@@ -10,7 +10,7 @@ from pathlib import Path
 
 from astropy.io import fits
 
-from catalogbuilder.readers import apstar, boss, lamost
+from catalogbuilder.readers import apstar, apvisit, boss, lamost
 from catalogbuilder.readers.base import (
     PIXMASK_NO_COVERAGE,
     READER_VERSION,
@@ -39,11 +39,13 @@ AUTO = "auto"
 # detected format name -> (survey values of read_spectra that accept it, reader of an open HDU list)
 _FORMATS: dict[str, tuple[tuple[str, ...], Callable[[fits.HDUList], list[Spectrum]]]] = {
     "apogee": (("apogee",), apstar.read_hdul),
+    "apogee-visit": (("apogee-visit", "apogee"), apvisit.read_hdul),
     "boss": (("boss",), boss.read_hdul),
     "lamost": (("lamost",), lamost.read_hdul),
 }
 _DETECTORS: tuple[tuple[str, Callable[[fits.HDUList], bool]], ...] = (
     ("apogee", apstar.matches),
+    ("apogee-visit", apvisit.matches),
     ("boss", boss.matches),
     ("lamost", lamost.matches),
 )

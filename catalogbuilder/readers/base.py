@@ -173,3 +173,37 @@ def check_measured(flux: np.ndarray, inverse_variance: np.ndarray | None = None)
         raise ReaderError("flux is NaN or infinite everywhere")
     if inverse_variance is not None and not (np.isfinite(inverse_variance) & (inverse_variance > 0)).any():
         raise ReaderError("inverse variance is zero everywhere (nothing measured)")
+
+
+def bracketing_mask(native_wavelength: np.ndarray, native_mask: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """int64 mask on ``target``: OR of the native pixels just below and just above each target wavelength
+    (the one pixel at the ends), with :data:`PIXMASK_NO_COVERAGE` outside [first, last] native wavelength."""
+    native_mask = np.asarray(native_mask, dtype=np.int64)
+    upper = np.searchsorted(native_wavelength, target, side="left").clip(0, native_wavelength.size - 1)
+    lower = (np.searchsorted(native_wavelength, target, side="right") - 1).clip(0, native_wavelength.size - 1)
+    mask = native_mask[lower] | native_mask[upper]
+    outside = (target < native_wavelength[0]) | (target > native_wavelength[-1])
+    return np.where(outside, mask | PIXMASK_NO_COVERAGE, mask)
+
+
+def interpolate_onto(
+    wavelength: np.ndarray, flux: np.ndarray, error: np.ndarray, mask: np.ndarray, target: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation of one spectrum onto ``target`` wavelengths (Å) with the reference semantics.
+
+    Pixels with NaN flux are dropped with their wavelength; wavelengths are sorted if they are not ascending;
+    outside the native range the first/last value is held. Returns float32 flux and error, int64 mask.
+    Raises ``ValueError`` when no pixel has a finite flux.
+    """
+    keep = ~np.isnan(flux)
+    if not keep.any():
+        raise ValueError("spectrum has no non-NaN flux pixel to interpolate")
+    wavelength, flux, error, mask = wavelength[keep], flux[keep], error[keep], mask[keep]
+    if np.any(np.diff(wavelength) < 0):
+        order = np.argsort(wavelength, kind="stable")
+        wavelength, flux, error, mask = wavelength[order], flux[order], error[order], mask[order]
+    return (
+        np.interp(target, wavelength, flux).astype(np.float32),
+        np.interp(target, wavelength, error).astype(np.float32),
+        bracketing_mask(wavelength, mask, target),
+    )
