@@ -42,6 +42,8 @@ RUNNERS: tuple[str, ...] = ("slurm",)
 # their own threads) and no dashboard unless the config asks for one.
 LOCAL_DEFAULTS: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": None}
 RUNNER_DEFAULT_SCHEDULER_FILE = "scheduler-{job_id}.json"
+# Worker resource advertised by GPU workers (``dask cuda worker --resources GPU=1``); GPU tasks require one unit.
+GPU_RESOURCE = "GPU"
 
 
 class ClusterConfigError(ValueError):
@@ -147,25 +149,29 @@ def local_cpu_cluster(workers: int | None = None, **options: Any) -> LocalCluste
     return LocalCluster(**kwargs)
 
 
-def local_gpu_cluster(workers: int | None = None, **options: Any) -> LocalCluster:
-    """A ``dask_cuda.LocalCUDACluster`` (one worker per GPU); falls back, with a warning, to a CPU LocalCluster
-    when dask-cuda is not installed or no GPU is visible. Options meant for GPUs only (``CUDA_VISIBLE_DEVICES``,
-    ``rmm_*``, ``device_memory_limit``, and the ``GPU`` resource) are dropped in the fallback."""
-    reason = None
+def gpu_unavailable_reason() -> str | None:
+    """Why a local GPU cluster cannot start (dask-cuda missing, no GPU visible), or None when it can."""
     try:
-        from dask_cuda import LocalCUDACluster
         from dask_cuda.utils import get_n_gpus
     except ImportError:
-        reason = "dask-cuda is not installed (pip install 'catalogbuilder[gpu]')"
-    else:
-        try:
-            n_gpus = get_n_gpus()
-        except Exception as error:  # NVML missing or broken: no usable GPU either way
-            n_gpus, reason = 0, f"no GPU could be queried ({error})"
-        if reason is None and n_gpus < 1:
-            reason = "no GPU is visible"
+        return "dask-cuda is not installed (pip install 'catalogbuilder[gpu]')"
+    try:
+        n_gpus = get_n_gpus()
+    except Exception as error:  # NVML missing or broken: no usable GPU either way
+        return f"no GPU could be queried ({error})"
+    return None if n_gpus >= 1 else "no GPU is visible"
+
+
+def local_gpu_cluster(workers: int | None = None, **options: Any) -> LocalCluster:
+    """A ``dask_cuda.LocalCUDACluster`` (one worker per GPU, each advertising the resource ``GPU=1`` unless
+    ``resources`` is given); falls back, with a warning, to a CPU LocalCluster when dask-cuda is not installed or no
+    GPU is visible. Options meant for GPUs only (``CUDA_VISIBLE_DEVICES``, ``rmm_*``, ``device_memory_limit``, and
+    the ``GPU`` resource) are dropped in the fallback."""
+    reason = gpu_unavailable_reason()
     if reason is None:
-        kwargs = {**LOCAL_DEFAULTS, **options}
+        from dask_cuda import LocalCUDACluster
+
+        kwargs = {**LOCAL_DEFAULTS, "resources": {GPU_RESOURCE: 1}, **options}
         kwargs.pop("processes", None)  # LocalCUDACluster always uses one process per GPU
         if workers is not None:
             kwargs["n_workers"] = workers
@@ -258,11 +264,16 @@ def connect(
     address: str | None = None,
     workers: int | None = None,
     runner: str | None = None,
+    gpu: bool | str = False,
 ) -> Iterator[Client]:
     """Yield a connected :class:`distributed.Client`; clusters started here are closed on exit.
 
     At most one of ``cluster`` (YAML path), ``scheduler_file``, ``address``, ``runner`` (``"slurm"``); with none
-    a local CPU cluster of ``workers`` processes (default one per core) is started."""
+    a local cluster is started: ``gpu=False`` a CPU cluster of ``workers`` processes (default one per core);
+    ``gpu=True`` a ``LocalCUDACluster`` (one worker per GPU, resource ``GPU=1``), falling back with a warning to CPU;
+    ``gpu="auto"`` the GPU cluster when dask-cuda is installed and a GPU is visible, else the CPU one."""
+    if not (gpu is True or gpu is False or gpu == "auto"):
+        raise ValueError(f"gpu must be True, False or 'auto'; got {gpu!r}")
     chosen = [name for name, value in (("cluster", cluster), ("scheduler_file", scheduler_file),
                                        ("address", address), ("runner", runner)) if value]
     if len(chosen) > 1:
@@ -290,7 +301,8 @@ def connect(
         with _cluster_client(make_cluster(config, workers), config) as client:
             yield client
         return
-    with _cluster_client(local_cpu_cluster(workers)) as client:
+    use_gpu = gpu is True or (gpu == "auto" and gpu_unavailable_reason() is None)
+    with _cluster_client(local_gpu_cluster(workers) if use_gpu else local_cpu_cluster(workers)) as client:
         yield client
 
 
@@ -302,4 +314,5 @@ def connect_from_args(args: argparse.Namespace) -> contextlib.AbstractContextMan
         address=getattr(args, "address", None),
         workers=getattr(args, "workers", None),
         runner=getattr(args, "runner", None),
+        gpu=getattr(args, "gpu", False),
     )
