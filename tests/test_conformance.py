@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from catalogbuilder.constants import GRID_OPTICAL, grid_wavelength
 from catalogbuilder.models.bossnet import BossNet, BossNetConfig
 from catalogbuilder.models.preprocess import load_label_stats, log_scale_flux, unnormalize
 from catalogbuilder.models.weights import load_state_dict
+from catalogbuilder.readers.base import Spectrum
+from catalogbuilder.store.resample import to_model_grid
 
 INPUT_TOLERANCE = 1e-5
 OUTPUT_TOLERANCE = 1e-5
@@ -33,17 +36,22 @@ def conformance_configs(conformance_dir: Path) -> list[Path]:
     return configs
 
 
-def reference_model_flux(vectors: np.lib.npyio.NpzFile) -> np.ndarray:
-    """Reference flux on the model grid: APOGEE rows as read; optical rows interpolated with the reference semantics
-    (NaN pixels and padding dropped, np.interp onto the float32 ``linear_grid``, edges held, float32 result)."""
+def reference_model_flux(vectors: np.lib.npyio.NpzFile) -> tuple[np.ndarray, np.ndarray]:
+    """Reference flux and error on the model grid: APOGEE rows as read; optical rows put on the grid by the store's
+    ``to_model_grid`` (reference semantics: NaN pixels and padding dropped, np.interp, edges held, float32)."""
     if "linear_grid" not in vectors.files:
-        return vectors["raw_flux"]
-    grid = vectors["linear_grid"]
-    rows = []
-    for wavelength, flux in zip(vectors["raw_wavelength"], vectors["raw_flux"]):
-        keep = ~np.isnan(flux)
-        rows.append(np.interp(grid, wavelength[keep], flux[keep]).astype(np.float32))
-    return np.stack(rows)
+        return vectors["raw_flux"], vectors["raw_error"]
+    np.testing.assert_array_equal(grid_wavelength(GRID_OPTICAL), vectors["linear_grid"])
+    flux, error = [], []
+    for wavelength, row_flux, row_error, length in zip(vectors["raw_wavelength"], vectors["raw_flux"],
+                                                        vectors["raw_error"], vectors["raw_length"]):
+        spectrum = Spectrum(survey="boss", kind="combined", grid=GRID_OPTICAL, row=0, visit=0, flux=row_flux[:length],
+                            error=row_error[:length], mask=np.zeros(length, np.int64), wavelength=wavelength[:length],
+                            object_id="conformance", ra=np.nan, dec=np.nan, snr=np.nan, mjd=np.nan)
+        grid_flux, grid_error, _ = to_model_grid(spectrum)
+        flux.append(grid_flux)
+        error.append(grid_error)
+    return np.stack(flux), np.stack(error)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,7 @@ def test_every_config_reproduces_reference(configs: list[Path]) -> None:
         state_dict, _ = load_state_dict(config_dir)
         network.load_weights(state_dict)
 
-        model_input = log_scale_flux(reference_model_flux(vectors))
+        model_input = log_scale_flux(reference_model_flux(vectors)[0])
         np.testing.assert_allclose(model_input.numpy(), vectors["model_input"], rtol=0, atol=INPUT_TOLERANCE,
                                    err_msg=f"{config_dir.name}: model_input")
         with torch.inference_mode():

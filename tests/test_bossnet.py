@@ -1,0 +1,203 @@
+"""BossNet configurations beyond the official ones, the chunked weight format, preprocessing details and the registry."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from catalogbuilder.constants import GRID_APOGEE, GRID_OPTICAL, LABEL_STATS, grid_wavelength
+from catalogbuilder.models import preprocess, registry
+from catalogbuilder.models.bossnet import BossNet, BossNetConfig, BossNetModel
+from catalogbuilder.models.registry import ModelInfo, SpectralModel, load_model, register_family
+from catalogbuilder.models.weights import (N_CHUNKS, WeightsError, chunk_paths, load_state_dict, read_weight_bytes,
+                                           save_state_dict)
+
+SMALL = dict(model_dim=2, dim_mults=[1, 2], kernel_size=5, num_targets=3, adapt_pool_output_dim=8, num_linear=2,
+             linear_dim=16, pos_enc=True)
+
+
+def randomised(network: BossNet, seed: int) -> BossNet:
+    """Give BatchNorm non-trivial running statistics so eval mode is not the identity, then switch to eval."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=generator))
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
+    return network.eval()
+
+
+def write_model_dir(directory: Path, config: BossNetConfig, seed: int = 0, stats: dict | None = None,
+                    info: dict | None = None) -> BossNet:
+    """A complete model directory (model_args.yaml, chunks, optional stats.yaml and catalogbuilder.yaml)."""
+    torch.manual_seed(seed)
+    network = randomised(BossNet(config), seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.to_yaml(directory)
+    save_state_dict(network.state_dict(), directory)
+    if stats is not None:
+        (directory / "stats.yaml").write_text(yaml.safe_dump({k: {"MEAN": m, "STD": s} for k, (m, s) in stats.items()}))
+    if info is not None:
+        (directory / "catalogbuilder.yaml").write_text(yaml.safe_dump(info))
+    return network
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "dim_mults", "pixels"),
+    [(3, [1, 2, 4], 101), (4, [1, 2, 4], 101), (7, [1, 3], 3900), (30, [1, 2, 4, 8], 3900), (8, [2], 257),
+     (11, [1, 1, 2], 8575)],
+)
+def test_other_configs_run_and_round_trip_the_chunked_format(tmp_path: Path, kernel_size: int, dim_mults: list[int],
+                                                            pixels: int) -> None:
+    config = BossNetConfig.from_dict({**SMALL, "kernel_size": kernel_size, "dim_mults": dim_mults})
+    network = write_model_dir(tmp_path, config, seed=kernel_size)
+    flux = torch.randn(3, pixels)
+    with torch.inference_mode():
+        expected = network(flux)
+    assert expected.shape == (3, config.num_targets) and torch.isfinite(expected).all()
+
+    sizes = [path.stat().st_size for path in chunk_paths(tmp_path)]
+    total = sum(sizes)
+    assert sizes[:-1] == [total // N_CHUNKS] * (N_CHUNKS - 1) and sizes[-1] == total - (N_CHUNKS - 1) * (total // N_CHUNKS)
+    assert BossNetConfig.from_yaml(tmp_path) == config
+
+    reloaded = BossNet(BossNetConfig.from_yaml(tmp_path)).eval()
+    state_dict, sha256 = load_state_dict(tmp_path)
+    reloaded.load_weights(state_dict)
+    assert sha256 == hashlib.sha256(read_weight_bytes(tmp_path)).hexdigest()
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(flux), expected, rtol=0, atol=0)
+
+
+def test_even_kernel_geometry_matches_reference_description() -> None:
+    """Even k: the first conv returns L + 1 samples (MaxPool floors), residual blocks keep the length."""
+    network = BossNet(BossNetConfig.from_dict({**SMALL, "kernel_size": 30, "dim_mults": [1, 2, 4]})).eval()
+    lengths: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            lengths[name] = output.shape[-1]
+        return hook
+
+    network.first_conv.conv_layer.register_forward_hook(record("conv"))
+    network.first_conv.register_forward_hook(record("pool"))
+    network.res_blocks[-1].register_forward_hook(record("res"))
+    with torch.inference_mode():
+        network(torch.zeros(1, 1, 8575))
+    assert lengths == {"conv": 8576, "pool": 4288, "res": 4288}
+
+
+def test_single_pt_file_loads_like_the_chunks(tmp_path: Path) -> None:
+    config = BossNetConfig.from_dict(SMALL)
+    write_model_dir(tmp_path / "chunked", config)
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(tmp_path / "chunked" / "model_args.yaml", single)
+    (single / "weights.pt").write_bytes(read_weight_bytes(tmp_path / "chunked"))
+    chunked_model, single_model = load_model(tmp_path / "chunked"), load_model(single)
+    assert chunked_model.weights_sha256 == single_model.weights_sha256
+    flux = np.random.default_rng(0).uniform(0.5, 2.0, (2, len(grid_wavelength(GRID_APOGEE)))).astype(np.float32)
+    assert chunked_model.predict(flux, None, draws=0)["logg"].tolist() == single_model.predict(flux, None, draws=0)["logg"].tolist()
+
+
+def test_bad_weights_give_clear_errors(tmp_path: Path) -> None:
+    write_model_dir(tmp_path, BossNetConfig.from_dict(SMALL))
+    (tmp_path / "model_chunk_9").write_bytes(b"")
+    with pytest.raises(WeightsError, match="not a loadable torch state_dict"):
+        load_state_dict(tmp_path)
+    (tmp_path / "model_chunk_3").unlink()
+    with pytest.raises(WeightsError, match=r"missing \['model_chunk_3'\]"):
+        load_state_dict(tmp_path)
+    with pytest.raises(WeightsError, match="no such weights"):
+        load_state_dict(tmp_path / "absent")
+
+
+def test_model_args_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown BossNet model_args keys"):
+        BossNetConfig.from_dict({**SMALL, "dropout": 0.1})
+    with pytest.raises(ValueError, match="incomplete"):
+        BossNetConfig.from_dict({key: value for key, value in SMALL.items() if key != "linear_dim"})
+    with pytest.raises(ValueError, match="positive"):
+        BossNetConfig.from_dict({**SMALL, "kernel_size": 0})
+
+
+def test_preprocessing_matches_torch_quantile_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    flux = rng.lognormal(0.0, 1.0, (7, 500)).astype(np.float32)
+    flux[:, :40] = 0.0  # floor pixels count in the percentile
+    flux[0, 5:9] = [np.nan, np.inf, -np.inf, -3.0]
+    log_flux = torch.log(torch.clamp(torch.nan_to_num(torch.from_numpy(flux), nan=0, posinf=0, neginf=0), min=1e-6))
+    expected = torch.minimum(log_flux, torch.quantile(log_flux, 0.95, dim=1, keepdim=True) + 1.0)
+    monkeypatch.setattr(preprocess, "_QUANTILE_MAX_ELEMENTS", 1200)  # forces blocks of 2 rows
+    result = preprocess.log_scale_flux(flux)
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+    assert torch.equal(result[0, 5:9], torch.full((4,), float(np.log(np.float32(1e-6)))))
+    torch.testing.assert_close(preprocess.log_scale_flux(flux[3]), expected[3], rtol=0, atol=0)
+
+
+def test_stats_default_to_constants_and_unknown_labels_fail(tmp_path: Path) -> None:
+    assert preprocess.load_label_stats(tmp_path, "boss") == LABEL_STATS["boss"]
+    with pytest.raises(ValueError, match="no MEAN/STD"):
+        preprocess.unnormalize(torch.zeros(1, 1), ["rv"], LABEL_STATS["apogee"])
+
+
+def test_registry_infers_grid_name_and_stats(tmp_path: Path) -> None:
+    write_model_dir(tmp_path / "anet", BossNetConfig.from_dict(SMALL))
+    apogee = load_model(tmp_path / "anet")
+    assert (apogee.name, apogee.family, apogee.grid) == ("anet", "bossnet", GRID_APOGEE)
+    assert apogee.outputs == ("teff", "logg", "fe_h") and not apogee.needs_photometry
+    assert apogee.stats == LABEL_STATS["apogee"]
+
+    write_model_dir(tmp_path / "bnet", BossNetConfig.from_dict({**SMALL, "num_targets": 4}))
+    boss = load_model(tmp_path / "bnet")
+    assert boss.grid == GRID_OPTICAL and boss.outputs == ("teff", "logg", "fe_h", "rv")
+    assert boss.stats == LABEL_STATS["boss"]
+
+    custom_stats = {"logg": (1.0, 2.0), "logTeff": (3.0, 0.5), "FeH": (0.0, 1.0), "rv": (0.0, 10.0)}
+    info = {"name": "optical3", "grid": "optical", "description": "test", "domain": "stars", "note": "kept"}
+    write_model_dir(tmp_path / "dir3", BossNetConfig.from_dict(SMALL), stats=custom_stats, info=info)
+    optical3 = load_model(tmp_path / "dir3")
+    assert (optical3.name, optical3.grid, optical3.stats) == ("optical3", GRID_OPTICAL, custom_stats)
+    assert optical3.info.extra == {"note": "kept"} and optical3.info.domain == "stars"
+
+    write_model_dir(tmp_path / "rvstats", BossNetConfig.from_dict(SMALL), stats=custom_stats)
+    assert load_model(tmp_path / "rvstats").grid == GRID_OPTICAL  # stats with rv → optical
+
+    with pytest.raises(ValueError, match=r"flux must be \(spectra, 3900\)"):
+        boss.predict(np.ones((1, 8575), np.float32), None, draws=0)
+
+
+def test_shipped_names_and_unknown_families(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_model_dir(tmp_path / "shipped_small", BossNetConfig.from_dict(SMALL))
+    monkeypatch.setattr(registry, "SHIPPED_MODELS_DIR", tmp_path)
+    assert registry.shipped_models() == ["shipped_small"]
+    assert load_model("shipped_small").info.directory == (tmp_path / "shipped_small").resolve()
+    with pytest.raises(FileNotFoundError, match="no shipped model"):
+        load_model("no_such_model")
+    write_model_dir(tmp_path / "other", BossNetConfig.from_dict(SMALL), info={"family": "no_such_family"})
+    with pytest.raises(ValueError, match="unknown model family 'no_such_family'"):
+        load_model(tmp_path / "other")
+
+
+def test_a_family_registers_itself(tmp_path: Path) -> None:
+    class ConstantModel(SpectralModel):
+        def predict(self, flux, error, draws=20, seeds=None, photometry=None):
+            return {"logg": np.full(len(flux), float(self.info.extra["logg"]))}
+
+    @register_family("test_constant")
+    def build(info: ModelInfo, device: torch.device) -> SpectralModel:
+        return ConstantModel(info, None, "0" * 64, ["logg"], device)
+
+    tmp_path.joinpath("catalogbuilder.yaml").write_text(yaml.safe_dump({"family": "test_constant", "logg": 4.5}))
+    model = load_model(tmp_path)
+    assert isinstance(model, ConstantModel) and model.family == "test_constant" and model.grid is None
+    assert model.predict(np.zeros((2, 3)), None)["logg"].tolist() == [4.5, 4.5]
+    assert "test_constant" in registry.registered_families() and "bossnet" in registry.registered_families()
+    with pytest.raises(ValueError, match="already registered"):
+        register_family("bossnet")(build)
+    write_model_dir(tmp_path / "b", BossNetConfig.from_dict(SMALL))
+    assert isinstance(load_model(tmp_path / "b"), BossNetModel)
