@@ -198,7 +198,7 @@ def make_cluster(config: ClusterConfig, workers: int | None = None) -> Cluster:
         cluster_class = _import_jobqueue_class(config.kind)
         try:
             return cluster_class(**config.jobqueue)
-        except TypeError as error:
+        except (TypeError, ValueError) as error:  # dask-jobqueue reports an unknown option as a ValueError
             raise ClusterConfigError(f"jobqueue.{config.kind} in {config.source}: {error}") from error
     raise ClusterConfigError(f"kind {config.kind!r} is run by connect(), not built as a cluster object")
 
