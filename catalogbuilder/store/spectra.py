@@ -304,6 +304,24 @@ class SpectrumStore:
             "rejects": len(self.rejects()),
         }
 
+    def check(self, snapshot: str | None = None) -> list[str]:
+        """Consistency problems of a snapshot (empty list when consistent): every per-spectrum array of a grid has
+        the same length, pixel arrays span the grid, ``spectrum_id`` is unique and matches survey/checksum/row, and
+        the files ledger accounts for exactly the spectra of each grid. Reads every coordinate: O(spectra)."""
+        store = self._readonly_store(snapshot)
+        problems: list[str] = []
+        ledger = self.files(snapshot)
+        for grid in GRIDS:
+            if not _has_group(store, grid):
+                if (ledger["grid"] == grid).any():
+                    problems.append(f"{grid}: files ledger lists files but the group is missing")
+                continue
+            problems += _check_grid(zarr.open_group(store, path=grid, mode="r", zarr_format=3), grid, ledger)
+        rejects = zarr.open_group(store, mode="r", zarr_format=3)[REJECTS_GROUP] if _has_group(store, REJECTS_GROUP) else None
+        if rejects is not None and len({array.shape for _, array in rejects.arrays()}) > 1:
+            problems.append("rejects: columns differ in length")
+        return problems
+
     # --- writing -----------------------------------------------------------------------------------------------
     def ingest(
         self,
@@ -330,6 +348,33 @@ class SpectrumStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_grid(group: zarr.Group, grid: str, ledger: pd.DataFrame) -> list[str]:
+    """Problems of one grid group (see :meth:`SpectrumStore.check`)."""
+    problems = []
+    arrays = dict(group.arrays())
+    lengths = {name: array.shape[0] for name, array in arrays.items() if name != "wavelength"}
+    if len(set(lengths.values())) != 1:
+        return [f"{grid}: per-spectrum arrays differ in length: {lengths}"]
+    n = next(iter(lengths.values()))
+    missing = [name for name in (*SPECTRUM_COORDS, "flux", "error", "mask") if name not in arrays]
+    if missing:
+        return [f"{grid}: missing arrays {missing}"]
+    npix = grid_wavelength(grid).size
+    if any(arrays[name].shape[1] != npix for name in ("flux", "error", "mask")) or arrays["wavelength"].shape != (npix,):
+        problems.append(f"{grid}: pixel axis is not the {npix}-pixel grid")
+    ids = pd.Series(plain_strings(arrays["spectrum_id"][:]))
+    if ids.duplicated().any():
+        problems.append(f"{grid}: {int(ids.duplicated().sum())} duplicate spectrum_id values")
+    sha = pd.Series(plain_strings(arrays["file_sha256"][:]))
+    expected = pd.Series(plain_strings(arrays["survey"][:])) + "-" + sha.str[:16] + "-" + pd.Series(arrays["row"][:]).astype(str)
+    if not (ids == expected).all():
+        problems.append(f"{grid}: spectrum_id does not match survey-sha256[:16]-row")
+    mine = ledger[ledger["grid"] == grid]
+    if int(mine["n_spectra"].sum()) != n or set(mine["file_sha256"]) != set(sha):
+        problems.append(f"{grid}: files ledger ({int(mine['n_spectra'].sum())} spectra) does not match the {n} stored")
+    return problems
 
 
 def plain_strings(values: np.ndarray) -> np.ndarray:
