@@ -193,8 +193,12 @@ class BossNet(nn.Module):
             x = block(x)
         return self.linear_sequential(self.adapt_pool(x).flatten(1))
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a state_dict strictly (every key and shape must match), with a clear error otherwise."""
+    def load_weights(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load a state_dict strictly (every key and shape must match), with a clear error otherwise.
+
+        ``assign=True`` adopts the given tensors instead of copying them (use it on a network built on the ``meta``
+        device: no memory is allocated, nor time spent, for the random initial weights).
+        """
         expected = self.state_dict()
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
@@ -207,20 +211,22 @@ class BossNet(nn.Module):
                 f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
                 f"wrong shape {[(key, tuple(state_dict[key].shape), tuple(expected[key].shape)) for key in wrong_shape[:5]]}"
             )
-        self.load_state_dict(state_dict, strict=True)
+        self.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 class BossNetModel(SpectralModel):
     """A loaded BossNet (ANet v3 or BOSS Net) behind the :class:`SpectralModel` interface.
 
     Output columns of the network are the first ``num_targets`` of ``logg, logTeff, FeH, rv`` (SPEC §3).
-    ``autocast_dtype`` (e.g. ``torch.bfloat16``) and ``compile`` trade exactness for speed and are off by default;
-    conformance holds only with both off.
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``), ``compile`` and ``allow_tf32`` trade exactness for speed and are off
+    by default; conformance holds only with all three off. On a CUDA device the default sets the process-wide cuDNN
+    convolution precision to IEEE float32 (PyTorch otherwise runs float32 convolutions in TF32 on Ampere and newer GPUs,
+    ~1e-3 relative error); ``allow_tf32=True`` leaves PyTorch's setting alone.
     """
 
     def __init__(self, network: BossNet, info: ModelInfo, grid: str, stats: dict[str, tuple[float, float]],
                  weights_sha256: str, device: torch.device, max_batch: int = DEFAULT_MAX_BATCH,
-                 autocast_dtype: torch.dtype | None = None, compile: bool = False) -> None:
+                 autocast_dtype: torch.dtype | None = None, compile: bool = False, allow_tf32: bool = False) -> None:
         self.labels: tuple[str, ...] = BOSSNET_PARAMS_BOSS[:network.config.num_targets]
         outputs = ["teff" if LABEL_TO_OUTPUT[label] == "logteff" else LABEL_TO_OUTPUT[label] for label in self.labels]
         super().__init__(info, grid, weights_sha256, sorted(outputs, key=("teff", "logg", "fe_h", "rv").index), device)
@@ -229,6 +235,8 @@ class BossNetModel(SpectralModel):
         self.max_batch = max_batch
         self.autocast_dtype = autocast_dtype
         self._forward = torch.compile(self.network) if compile else self.network
+        if self.device.type == "cuda" and not allow_tf32:
+            _use_ieee_float32_convolutions()
         self.n_pixels = len(grid_wavelength(grid))
 
     def predict_labels(self, flux: torch.Tensor, spectrum_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,6 +268,12 @@ class BossNetModel(SpectralModel):
         return canonical_outputs(self.labels, value, raw_error)
 
 
+def _use_ieee_float32_convolutions() -> None:
+    """Make cuDNN compute float32 convolutions in full float32, not TF32 (the setter every PyTorch version has;
+    the newer ``cudnn.conv.fp32_precision`` API would break code that reads the legacy flag)."""
+    torch.backends.cudnn.allow_tf32 = False
+
+
 @register_family("bossnet")
 def load_bossnet(info: ModelInfo, device: torch.device, **options: Any) -> BossNetModel:
     """Build a :class:`BossNetModel` from a model directory (``model_args.yaml``, weights, optional ``stats.yaml``).
@@ -276,7 +290,8 @@ def load_bossnet(info: ModelInfo, device: torch.device, **options: Any) -> BossN
     grid = info.grid or (GRID_OPTICAL if config.num_targets == 4 or "rv" in stats else GRID_APOGEE)
     if grid not in GRIDS:
         raise ValueError(f"{info.directory}: grid {grid!r} is not one of {GRIDS}")
-    network = BossNet(config)
+    with torch.device("meta"):
+        network = BossNet(config)
     state_dict, weights_sha256 = load_state_dict(info.directory)
-    network.load_weights(state_dict)
+    network.load_weights(state_dict, assign=True)
     return BossNetModel(network, info, grid, stats, weights_sha256, device, **options)
