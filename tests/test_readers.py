@@ -15,6 +15,8 @@ from astropy.io import fits
 from catalogbuilder.constants import APOGEE_NPIX, GRID_APOGEE, GRID_OPTICAL, apogee_wavelength
 from catalogbuilder.readers import (
     PIXMASK_NO_COVERAGE,
+    READERS,
+    SURVEY_CHOICES,
     ReaderError,
     detect_survey,
     read_spectra,
@@ -164,6 +166,19 @@ def test_survey_mismatch_and_unknown_survey(shared_data: Path) -> None:
     assert len(read_spectra(shared_data / APVISITS[0], survey="apogee")) == 1  # apVisit is APOGEE too
     with pytest.raises(ValueError, match="unknown survey"):
         read_spectra(shared_data / BOSS_LITE, survey="sdss")
+
+
+def test_reader_classes_read_their_format_and_reject_the_others(shared_data: Path) -> None:
+    examples = {"apogee": APSTAR_DWARF, "apogee-visit": APVISITS[1], "boss": BOSS_LITE, "lamost": LAMOST_DR7}
+    assert SURVEY_CHOICES == ("auto", *examples)
+    for reader in READERS:
+        for survey, name in examples.items():
+            if survey == reader.survey:
+                by_class, by_function = reader.read(shared_data / name), read_spectra(shared_data / name, survey)
+                np.testing.assert_array_equal(by_class[0].flux, by_function[0].flux)
+            else:
+                with pytest.raises(ReaderError, match="not a"):
+                    reader.read(shared_data / name)
 
 
 def test_detection_ignores_file_names(shared_data: Path, tmp_path: Path) -> None:

@@ -5,13 +5,15 @@ the asked survey raises :class:`ReaderError` whose message is the reject reason.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from astropy.io import fits
 
-from catalogbuilder.readers import apstar, apvisit, boss, lamost
+from catalogbuilder.readers import boss, lamost
+from catalogbuilder.readers.apstar import ApStarReader
+from catalogbuilder.readers.apvisit import ApVisitReader
 from catalogbuilder.readers.base import (
+    FitsReader,
     PIXMASK_NO_COVERAGE,
     READER_VERSION,
     Reader,
@@ -21,8 +23,16 @@ from catalogbuilder.readers.base import (
     load_hdul,
     reverse_inverse_error,
 )
+from catalogbuilder.readers.boss import BossReader
+from catalogbuilder.readers.lamost import LamostReader
 
 __all__ = [
+    "READERS",
+    "ApStarReader",
+    "ApVisitReader",
+    "BossReader",
+    "FitsReader",
+    "LamostReader",
     "PIXMASK_NO_COVERAGE",
     "READER_VERSION",
     "Reader",
@@ -36,27 +46,16 @@ __all__ = [
 ]
 
 AUTO = "auto"
-# detected format name -> (survey values of read_spectra that accept it, reader of an open HDU list)
-_FORMATS: dict[str, tuple[tuple[str, ...], Callable[[fits.HDUList], list[Spectrum]]]] = {
-    "apogee": (("apogee",), apstar.read_hdul),
-    "apogee-visit": (("apogee-visit", "apogee"), apvisit.read_hdul),
-    "boss": (("boss",), boss.read_hdul),
-    "lamost": (("lamost",), lamost.read_hdul),
-}
-_DETECTORS: tuple[tuple[str, Callable[[fits.HDUList], bool]], ...] = (
-    ("apogee", apstar.matches),
-    ("apogee-visit", apvisit.matches),
-    ("boss", boss.matches),
-    ("lamost", lamost.matches),
-)
-SURVEY_CHOICES: tuple[str, ...] = (AUTO, *sorted({s for accepted, _ in _FORMATS.values() for s in accepted}))
+# Tried in this order by the detection; each tests the header/HDU layout only.
+READERS: tuple[FitsReader, ...] = (ApStarReader(), ApVisitReader(), BossReader(), LamostReader())
+SURVEY_CHOICES: tuple[str, ...] = (AUTO, *(reader.survey for reader in READERS))
 
 
-def _detect(hdul: fits.HDUList) -> str:
-    """Format name of an open file; :class:`ReaderError` naming what it looks like when it is no supported format."""
-    for name, matches in _DETECTORS:
-        if matches(hdul):
-            return name
+def _detect(hdul: fits.HDUList) -> FitsReader:
+    """The reader of an open file's format; :class:`ReaderError` saying what the file looks like when none fits."""
+    for reader in READERS:
+        if reader.matches(hdul):
+            return reader
     if lamost.is_lamost(hdul) and lamost.is_mrs(hdul):
         raise ReaderError(lamost.mrs_reason())
     if boss.is_sdss(hdul):
@@ -67,7 +66,7 @@ def _detect(hdul: fits.HDUList) -> str:
 
 def detect_survey(path: str | Path) -> str:
     """Survey value (``apogee``, ``apogee-visit``, ``boss``, ``lamost``) of the file at ``path``, from its layout."""
-    return _detect(load_hdul(path))
+    return _detect(load_hdul(path)).survey
 
 
 def read_spectra(path: str | Path, survey: str = AUTO) -> list[Spectrum]:
@@ -80,11 +79,10 @@ def read_spectra(path: str | Path, survey: str = AUTO) -> list[Spectrum]:
     if survey not in SURVEY_CHOICES:
         raise ValueError(f"unknown survey {survey!r}; expected one of {SURVEY_CHOICES}")
     hdul = load_hdul(path)
-    detected = _detect(hdul)
-    accepted, read_hdul = _FORMATS[detected]
-    if survey != AUTO and survey not in accepted:
-        raise ReaderError(f"file is a {detected} file, not {survey}")
-    spectra = read_hdul(hdul)
+    reader = _detect(hdul)
+    if survey != AUTO and survey not in reader.accepted_surveys:
+        raise ReaderError(f"file is a {reader.survey} file, not {survey}")
+    spectra = reader.read_hdul(hdul)
     for spectrum in spectra:
         if not spectrum.object_id:
             spectrum.object_id = Path(path).name

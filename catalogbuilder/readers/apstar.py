@@ -6,8 +6,6 @@ A single-row file (1-D images) holds only the combined spectrum.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from astropy.io import fits
 
@@ -19,24 +17,35 @@ from catalogbuilder.constants import (
     KIND_COMBINED,
     KIND_VISIT,
 )
-from catalogbuilder.readers.base import ReaderError, Spectrum, hdu_data, header_number, header_text, load_hdul
+from catalogbuilder.readers.base import (
+    MJD_OFFSET,
+    FitsReader,
+    ReaderError,
+    Spectrum,
+    hdu_data,
+    header_number,
+    header_text,
+)
 
 SURVEY = "apogee"
 FORMAT = "apStar"
 COMBINED_WEIGHTING = ("pixel", "global")  # meaning of image rows 0 and 1
-MJD_OFFSET = 2400000.5  # JD − MJD
+
+
+def _on_apstar_grid(header: fits.Header) -> bool:
+    """True when a header's CRVAL1/CDELT1 are the apStar log-linear grid."""
+    return bool(
+        np.isclose(header.get("CRVAL1", np.nan), APOGEE_LOGLAM0) and np.isclose(header.get("CDELT1", np.nan), APOGEE_DLOGLAM)
+    )
 
 
 def matches(hdul: fits.HDUList) -> bool:
-    """True when the HDU layout is an apStar file: image HDUs 1–3 of width NWAVE on the log-linear apStar grid."""
+    """True for an apStar layout: image HDUs 1–3 of width 8575 on the apStar grid (CRVAL1/CDELT1 of HDU1 or HDU0)."""
     if len(hdul) < 4:
         return False
-    header = hdul[0].header
-    if header.get("NWAVE") != APOGEE_NPIX or not np.isclose(header.get("CRVAL1", np.nan), APOGEE_LOGLAM0):
+    if not all(isinstance(hdul[i], fits.ImageHDU) and hdul[i].header.get("NAXIS1") == APOGEE_NPIX for i in (1, 2, 3)):
         return False
-    return all(
-        isinstance(hdul[i], fits.ImageHDU) and hdul[i].header.get("NAXIS1") == APOGEE_NPIX for i in (1, 2, 3)
-    )
+    return _on_apstar_grid(hdul[1].header) or _on_apstar_grid(hdul[0].header)
 
 
 def _as_rows(image: np.ndarray, what: str) -> np.ndarray:
@@ -59,8 +68,6 @@ def _photometry(header: fits.Header) -> dict[str, float]:
 def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
     """Every image row of an open apStar file as a :class:`Spectrum` (see module docstring)."""
     header = hdul[0].header
-    if not np.isclose(header.get("CDELT1", np.nan), APOGEE_DLOGLAM):
-        raise ReaderError(f"apStar CDELT1 = {header.get('CDELT1')} is not the apStar grid step {APOGEE_DLOGLAM}")
     # float32 first, then NaN/±inf → 0 (the reference reader's order of operations)
     flux = np.nan_to_num(_as_rows(hdu_data(hdul, 1), "flux").astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     error = np.nan_to_num(_as_rows(hdu_data(hdul, 2), "error").astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -129,14 +136,13 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
     return spectra
 
 
-class ApStarReader:
+class ApStarReader(FitsReader):
     """Reader for APOGEE apStar files (``survey = "apogee"``)."""
 
     survey = SURVEY
+    accepted_surveys = (SURVEY,)
+    matches = staticmethod(matches)
+    read_hdul = staticmethod(read_hdul)
 
-    def read(self, path: Path) -> list[Spectrum]:
-        """All rows of the apStar file at ``path``; :class:`ReaderError` if it is not a readable apStar file."""
-        hdul = load_hdul(path)
-        if not matches(hdul):
-            raise ReaderError("not an apStar file (expected image HDUs 1-3 on the 8575-pixel apStar grid)")
-        return read_hdul(hdul)
+    def mismatch_reason(self, hdul: fits.HDUList) -> str:
+        return "not an apStar file (expected image HDUs 1-3 on the 8575-pixel apStar grid)"

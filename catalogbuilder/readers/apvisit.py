@@ -6,11 +6,9 @@ row per detector chip (wavelengths descending within a chip in DR17 files; any o
 Rest frame: the wavelength image is in the frame of the telescope, so the shift uses the star's velocity relative
 to the observer, ``VRAD`` (header; ``VREL`` in SDSS-V files and in the apVisit table), which equals
 ``VHELIO − BC``: λ_rest = λ_obs / (1 + v/c), the non-relativistic Doppler factor of the APOGEE pipeline.
-``VHELIO`` alone would be wrong by the barycentric correction (up to ±30 km/s, ~2 apStar pixels).
+``VHELIO`` alone would be wrong by the barycentric correction (up to ±30 km/s, i.e. 7 apStar pixels of 4.1 km/s).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 from astropy import constants as physical
@@ -18,6 +16,8 @@ from astropy.io import fits
 
 from catalogbuilder.constants import GRID_APOGEE, KIND_VISIT, apogee_wavelength
 from catalogbuilder.readers.base import (
+    MJD_OFFSET,
+    FitsReader,
     PIXMASK_NO_COVERAGE,
     ReaderError,
     Spectrum,
@@ -26,7 +26,6 @@ from catalogbuilder.readers.base import (
     header_number,
     header_text,
     interpolate_onto,
-    load_hdul,
 )
 
 SURVEY = "apogee"
@@ -34,7 +33,6 @@ FORMAT = "apVisit"
 N_CHIPS = 3
 CHIP_PIXELS = 4096
 SPEED_OF_LIGHT_KMS = physical.c.to_value("km/s")
-MJD_OFFSET = 2400000.5  # JD − MJD
 APOGEE_TELESCOPES = ("APO25M", "LCO25M", "APO1M")
 
 
@@ -167,14 +165,14 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
     ]
 
 
-class ApVisitReader:
-    """Reader for APOGEE apVisit files (``survey = "apogee-visit"``; the spectrum's survey is ``apogee``)."""
+class ApVisitReader(FitsReader):
+    """Reader for APOGEE apVisit files (``survey = "apogee-visit"``, also accepted as ``apogee``; the spectra's
+    ``Spectrum.survey`` is ``apogee``)."""
 
     survey = "apogee-visit"
+    accepted_surveys = ("apogee-visit", SURVEY)
+    matches = staticmethod(matches)
+    read_hdul = staticmethod(read_hdul)
 
-    def read(self, path: Path) -> list[Spectrum]:
-        """The rest-frame visit spectrum of the apVisit file at ``path`` on the apStar grid."""
-        hdul = load_hdul(path)
-        if not matches(hdul):
-            raise ReaderError("not an apVisit file (expected an APOGEE telescope and (3, 4096) images in HDUs 1-4)")
-        return read_hdul(hdul)
+    def mismatch_reason(self, hdul: fits.HDUList) -> str:
+        return "not an apVisit file (expected an APOGEE telescope and (3, 4096) images in HDUs 1-4)"

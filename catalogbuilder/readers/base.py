@@ -56,6 +56,35 @@ class Reader(Protocol):
     def read(self, path: Path) -> list[Spectrum]: ...
 
 
+class FitsReader:
+    """Base of the survey readers: a FITS layout test and a reader of an open, fully loaded HDU list.
+
+    ``survey`` is the ``read_spectra`` survey value of the format; ``accepted_surveys`` every value that may ask for it.
+    """
+
+    survey: str = ""
+    accepted_surveys: tuple[str, ...] = ()
+
+    def matches(self, hdul: fits.HDUList) -> bool:
+        """True when the header/HDU layout is this reader's format."""
+        raise NotImplementedError
+
+    def read_hdul(self, hdul: fits.HDUList) -> list[Spectrum]:
+        """Every spectrum of an open file of this format."""
+        raise NotImplementedError
+
+    def mismatch_reason(self, hdul: fits.HDUList) -> str:
+        """Reject reason for a file that is not of this format."""
+        return f"not a {self.survey} file"
+
+    def read(self, path: Path) -> list[Spectrum]:
+        """Every spectrum of the file at ``path``; :class:`ReaderError` if it is unreadable or of another format."""
+        hdul = load_hdul(path)
+        if not self.matches(hdul):
+            raise ReaderError(self.mismatch_reason(hdul))
+        return self.read_hdul(hdul)
+
+
 def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
     """SHA-256 hex digest of a file's bytes (the idempotency key of ingest)."""
     digest = hashlib.sha256()
@@ -72,6 +101,7 @@ def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
 # all fit in 32 bits), so it never collides with them.
 PIXMASK_NO_COVERAGE: int = 1 << 40
 
+MJD_OFFSET: float = 2400000.5  # Julian date of MJD 0 (JD = MJD + MJD_OFFSET)
 _GZIP_MAGIC = b"\x1f\x8b"
 # Header values that mean "missing" in SDSS/LAMOST headers (e.g. -9999.99 photometry, 99 magnitudes).
 _MISSING_MAGNITUDE_LIMIT = 50.0

@@ -5,20 +5,18 @@ Metadata from the ``SPALL`` (BOSS/eBOSS/SDSS-V) or ``SPECOBJ`` (SDSS-I/II legacy
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from astropy.io import fits
 
 from catalogbuilder.constants import DEFAULT_ERROR_FRACTION, GRID_OPTICAL, KIND_COMBINED
 from catalogbuilder.readers.base import (
+    FitsReader,
     ReaderError,
     Spectrum,
     check_measured,
     hdu_data,
     header_number,
     header_text,
-    load_hdul,
     reverse_inverse_error,
 )
 
@@ -175,17 +173,16 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
     ]
 
 
-class BossReader:
+class BossReader(FitsReader):
     """Reader for SDSS/BOSS spec files (``survey = "boss"``)."""
 
     survey = SURVEY
+    accepted_surveys = (SURVEY,)
+    matches = staticmethod(matches)
+    read_hdul = staticmethod(read_hdul)
 
-    def read(self, path: Path) -> list[Spectrum]:
-        """The coadded spectrum of the spec file at ``path``; :class:`ReaderError` if it is not one."""
-        hdul = load_hdul(path)
-        if not matches(hdul):
-            raise ReaderError(unsupported_reason(hdul))
-        return read_hdul(hdul)
+    def mismatch_reason(self, hdul: fits.HDUList) -> str:
+        return unsupported_reason(hdul)
 
 
 def unsupported_reason(hdul: fits.HDUList) -> str:

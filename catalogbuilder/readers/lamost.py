@@ -11,20 +11,19 @@ Medium-resolution (MRS, ``COADD_B``/``COADD_R``) files are a different product a
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 
 from catalogbuilder.constants import DEFAULT_ERROR_FRACTION, GRID_OPTICAL, KIND_COMBINED
 from catalogbuilder.readers.base import (
+    FitsReader,
     ReaderError,
     Spectrum,
     check_measured,
     hdu_data,
     header_number,
     header_text,
-    load_hdul,
     reverse_inverse_error,
 )
 
@@ -187,14 +186,15 @@ def mrs_reason() -> str:
     )
 
 
-class LamostReader:
+class LamostReader(FitsReader):
     """Reader for LAMOST LRS files (``survey = "lamost"``)."""
 
     survey = SURVEY
+    accepted_surveys = (SURVEY,)
+    matches = staticmethod(matches)
+    read_hdul = staticmethod(read_hdul)
 
-    def read(self, path: Path) -> list[Spectrum]:
-        """The spectrum of the LAMOST LRS file at ``path``; :class:`ReaderError` if it is not one."""
-        hdul = load_hdul(path)
-        if not is_lamost(hdul):
-            raise ReaderError("not a LAMOST file (TELESCOP is not LAMOST)")
-        return read_hdul(hdul)
+    def mismatch_reason(self, hdul: fits.HDUList) -> str:
+        if is_lamost(hdul) and is_mrs(hdul):
+            return mrs_reason()
+        return "not a LAMOST low-resolution spectrum (TELESCOP LAMOST with a (5, N) image or a COADD table)"
