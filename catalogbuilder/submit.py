@@ -34,8 +34,8 @@ class WorkflowError(Exception):
     """A workflow file that cannot be loaded or has no entry point."""
 
 
-def load_workflow(path: str | Path) -> WorkflowMain:
-    """Import a workflow file as the module named after it and return its ``main(client, argv)``."""
+def import_workflow(path: str | Path) -> ModuleType:
+    """Import a workflow file as the module named after it (``dr19.py`` -> ``dr19``, kept in ``sys.modules``)."""
     path = Path(path)
     if not path.is_file():
         raise WorkflowError(f"workflow file not found: {path}")
@@ -44,10 +44,15 @@ def load_workflow(path: str | Path) -> WorkflowMain:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     if spec is None or spec.loader is None:
         raise WorkflowError(f"cannot import {path}")
-    module: ModuleType = importlib.util.module_from_spec(spec)
+    module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module
     spec.loader.exec_module(module)
-    entry = getattr(module, ENTRY_POINT, None)
+    return module
+
+
+def load_workflow(path: str | Path) -> WorkflowMain:
+    """The ``main(client, argv)`` of a workflow file."""
+    entry = getattr(import_workflow(path), ENTRY_POINT, None)
     if not callable(entry):
         raise WorkflowError(f"{path} defines no {ENTRY_POINT}(client, argv) function")
     return entry
