@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from catalogbuilder.constants import GRID_OPTICAL, grid_wavelength
+from catalogbuilder.constants import GRID_OPTICAL, LABEL_STATS, grid_wavelength
 from catalogbuilder.models.bossnet import BossNet, BossNetConfig
 from catalogbuilder.models.preprocess import load_label_stats, log_scale_flux, unnormalize
 from catalogbuilder.models.weights import load_state_dict
@@ -24,9 +24,7 @@ INPUT_TOLERANCE = 1e-5
 OUTPUT_TOLERANCE = 1e-5
 PREDICTION_TOLERANCE = 1e-4
 
-OFFICIAL_ARGS = dict(model_dim=4, dim_mults=[1, 2, 4, 8, 16], kernel_size=30, adapt_pool_output_dim=1024,
-                     num_linear=6, linear_dim=1024, pos_enc=True, in_channels=1)
-OFFICIAL_TARGETS = {"model_apogee": 3, "model_boss": 4}
+OFFICIAL = {"model_apogee": "apogee", "model_boss": "boss"}  # official_shapes.json key → survey of the SDSS files
 
 
 def conformance_configs(conformance_dir: Path) -> list[Path]:
@@ -91,15 +89,20 @@ def test_weights_checksum_is_of_concatenated_chunks(configs: list[Path]) -> None
         assert sha256 == hashlib.sha256(concatenated).hexdigest()
 
 
-def test_official_configs_have_reference_state_dict_layout(conformance_dir: Path) -> None:
+def test_official_configs_have_reference_state_dict_layout(conformance_dir: Path, shared_data: Path) -> None:
+    """The official model_args.yaml files (data/weights/bossnet_stats) build networks whose state_dict keys and shapes
+    equal the reference's, and the official stats.yaml files give the constants' label normalisation."""
     official = json.loads((conformance_dir / "official_shapes.json").read_text())
-    assert set(official) == set(OFFICIAL_TARGETS)
-    for name, num_targets in OFFICIAL_TARGETS.items():
+    assert set(official) == set(OFFICIAL)
+    for name, survey in OFFICIAL.items():
+        config = BossNetConfig.from_yaml(shared_data / "weights" / "bossnet_stats" / f"{name}_model_args.yaml")
         with torch.device("meta"):  # ≈290 MB each if allocated; shapes only
-            network = BossNet(BossNetConfig.from_dict({**OFFICIAL_ARGS, "num_targets": num_targets}))
+            network = BossNet(config)
         shapes = {key: list(value.shape) for key, value in network.state_dict().items()}
         assert list(shapes) == list(official[name]), f"{name}: key order/names differ"
         assert shapes == official[name], f"{name}: shapes differ"
+        stats_file = shared_data / "weights" / "bossnet_stats" / f"stats_{survey}.yaml"
+        assert load_label_stats(stats_file, survey) == LABEL_STATS[survey]
 
 
 def test_mismatched_weights_are_refused(configs: list[Path]) -> None:
