@@ -1,0 +1,152 @@
+"""DR19 ``result_flags``, ``flag_warn`` and ``flag_bad`` (SPEC §6) with documented, configurable thresholds.
+
+Rules (see docs/release.md for the reasoning behind each threshold):
+
+* A row has **no result** (bit 11) when its status is not ``ok`` or any of teff, logg, fe_h is not finite; its
+  values and errors are then set to NaN and bits 0–8 are not evaluated (there is nothing to judge).
+* Bits 0–2: DR19 ranges on finite values; [Fe/H] is also unreliable when log10(teff) > 3.82 (the value is kept).
+* Bits 3–5: the raw Monte-Carlo error is not finite or not positive (no draws, or a degenerate network output).
+* Bits 6–8: the recommended error is above ``e_teff_fraction``·teff, ``e_logg_max`` or ``e_fe_h_max``.
+* Bit 9: no cross-match counterpart, or any band in ``required_bands`` missing (``missing_bands`` non-empty).
+* Bit 10: S/N below ``snr_min``, fewer than ``min_good_pixel_fraction`` of the grid pixels finite and positive, or a
+  constant flux (degenerate input). Bits 9 and 10 are evaluated for every row, with or without a result.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from catalogbuilder.constants import FLAG_BAD_MASK, FLAG_WARN_MASK, ResultFlag
+
+RESULT_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h")
+FLAG_DESCRIPTIONS: dict[ResultFlag, str] = {
+    ResultFlag.TEFF_UNRELIABLE: "Teff outside 3.1 < log10(teff) < 4.7",
+    ResultFlag.LOGG_UNRELIABLE: "logg outside -1.5 < logg < 6",
+    ResultFlag.FE_H_UNRELIABLE: "[Fe/H] outside -2 < fe_h < 0.5, or log10(teff) > 3.82",
+    ResultFlag.E_TEFF_UNRELIABLE: "raw_e_teff not finite or <= 0",
+    ResultFlag.E_LOGG_UNRELIABLE: "raw_e_logg not finite or <= 0",
+    ResultFlag.E_FE_H_UNRELIABLE: "raw_e_fe_h not finite or <= 0",
+    ResultFlag.E_TEFF_LARGE: "e_teff > {e_teff_fraction:g} * teff",
+    ResultFlag.E_LOGG_LARGE: "e_logg > {e_logg_max:g} dex",
+    ResultFlag.E_FE_H_LARGE: "e_fe_h > {e_fe_h_max:g} dex",
+    ResultFlag.MISSING_PHOTOMETRY: "no Gaia counterpart or a missing band of {required}",
+    ResultFlag.RESULT_UNRELIABLE: "snr < {snr_min:g}, good-pixel fraction < {min_good_pixel_fraction:g}, or constant flux",
+    ResultFlag.NO_RESULT: "spectrum not read or not processed, or non-finite teff/logg/fe_h; values NaN",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagThresholds:
+    """Thresholds of the data-dependent bits; the defaults are the released ones (justified in docs/release.md)."""
+
+    e_teff_fraction: float = 0.05  # E_TEFF_LARGE: e_teff / teff above this (≈0.021 dex in log Teff)
+    e_logg_max: float = 0.3  # dex, E_LOGG_LARGE
+    e_fe_h_max: float = 0.3  # dex, E_FE_H_LARGE
+    snr_min: float = 10.0  # RESULT_UNRELIABLE below this survey S/N (unknown S/N does not set it)
+    min_good_pixel_fraction: float = 0.5  # RESULT_UNRELIABLE below this fraction of finite, positive flux pixels
+
+    def describe(self, required_bands: tuple[str, ...]) -> dict[ResultFlag, str]:
+        """Bit → description with these thresholds filled in (for FITS headers and summaries)."""
+        values = dataclasses.asdict(self) | {"required": ",".join(required_bands)}
+        return {bit: text.format(**values) for bit, text in FLAG_DESCRIPTIONS.items()}
+
+
+def spectrum_quality(flux: np.ndarray) -> pd.DataFrame:
+    """Per-spectrum input quality of a ``(spectrum, pixel)`` flux array on a model grid: ``good_pixel_fraction``
+    (finite and positive pixels, the ones preprocessing does not floor to 1e-6) and ``flux_constant`` (no variation
+    among the finite pixels, or none finite)."""
+    flux = np.asarray(flux, dtype=float)
+    finite = np.isfinite(flux)
+    good_fraction = (finite & (flux > 0)).mean(axis=1) if flux.shape[1] else np.zeros(len(flux))
+    lowest = np.where(finite, flux, np.inf).min(axis=1)
+    highest = np.where(finite, flux, -np.inf).max(axis=1)
+    return pd.DataFrame({"good_pixel_fraction": good_fraction, "flux_constant": ~(highest > lowest)})
+
+
+def _column(frame: pd.DataFrame, name: str, default: float | bool | str) -> pd.Series:
+    """A column of ``frame`` or a constant series when it is absent."""
+    return frame[name] if name in frame.columns else pd.Series(default, index=frame.index)
+
+
+def no_result_mask(frame: pd.DataFrame) -> np.ndarray:
+    """True where the row has no usable result: status not ``ok`` or a non-finite teff/logg/fe_h."""
+    status_ok = _column(frame, "status", "no_result").fillna("no_result").astype(str).eq("ok").to_numpy()
+    finite = np.all([np.isfinite(_column(frame, label, np.nan).to_numpy(float)) for label in RESULT_LABELS], axis=0)
+    return ~(status_ok & finite)
+
+
+def result_flags(frame: pd.DataFrame, thresholds: FlagThresholds = FlagThresholds()) -> np.ndarray:
+    """``result_flags`` (int64 bit array) of calibrated rows (columns teff, logg, fe_h, raw_e_*, e_*, status, and
+    optionally snr, good_pixel_fraction, flux_constant, gaia_matched, missing_bands)."""
+    flags = np.zeros(len(frame), dtype=np.int64)
+
+    def set_bit(bit: ResultFlag, where: np.ndarray) -> None:
+        flags[np.asarray(where, dtype=bool)] |= int(bit)
+
+    no_result = no_result_mask(frame)
+    has_result = ~no_result
+    set_bit(ResultFlag.NO_RESULT, no_result)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        teff = _column(frame, "teff", np.nan).to_numpy(float)
+        log_teff = np.where(teff > 0, np.log10(np.where(teff > 0, teff, 1.0)), -np.inf)
+        logg = _column(frame, "logg", np.nan).to_numpy(float)
+        fe_h = _column(frame, "fe_h", np.nan).to_numpy(float)
+        set_bit(ResultFlag.TEFF_UNRELIABLE, has_result & ~((3.1 < log_teff) & (log_teff < 4.7)))
+        set_bit(ResultFlag.LOGG_UNRELIABLE, has_result & ~((-1.5 < logg) & (logg < 6.0)))
+        set_bit(ResultFlag.FE_H_UNRELIABLE, has_result & (~((-2.0 < fe_h) & (fe_h < 0.5)) | (log_teff > 3.82)))
+
+        for label, unreliable, large, limit in (
+            ("teff", ResultFlag.E_TEFF_UNRELIABLE, ResultFlag.E_TEFF_LARGE, thresholds.e_teff_fraction * teff),
+            ("logg", ResultFlag.E_LOGG_UNRELIABLE, ResultFlag.E_LOGG_LARGE, thresholds.e_logg_max),
+            ("fe_h", ResultFlag.E_FE_H_UNRELIABLE, ResultFlag.E_FE_H_LARGE, thresholds.e_fe_h_max),
+        ):
+            raw = _column(frame, f"raw_e_{label}", np.nan).to_numpy(float)
+            recommended = _column(frame, f"e_{label}", np.nan).to_numpy(float)
+            set_bit(unreliable, has_result & ~(np.isfinite(raw) & (raw > 0)))
+            set_bit(large, has_result & np.isfinite(raw) & (raw > 0) & (recommended > limit))
+
+    matched = _column(frame, "gaia_matched", False).fillna(False).astype(bool).to_numpy()
+    missing_bands = _column(frame, "missing_bands", "").fillna("").astype(str).to_numpy()
+    set_bit(ResultFlag.MISSING_PHOTOMETRY, ~matched | (missing_bands != ""))
+
+    snr = _column(frame, "snr", np.nan).to_numpy(float)
+    good_fraction = _column(frame, "good_pixel_fraction", np.nan).to_numpy(float)
+    constant = _column(frame, "flux_constant", False).fillna(False).astype(bool).to_numpy()
+    set_bit(
+        ResultFlag.RESULT_UNRELIABLE,
+        (snr < thresholds.snr_min) | (good_fraction < thresholds.min_good_pixel_fraction) | constant,
+    )
+    return flags
+
+
+def flag_warn(flags: np.ndarray) -> np.ndarray:
+    """``flag_warn``: any of E_*_LARGE or MISSING_PHOTOMETRY."""
+    return (np.asarray(flags, dtype=np.int64) & int(FLAG_WARN_MASK)) != 0
+
+
+def flag_bad(flags: np.ndarray) -> np.ndarray:
+    """``flag_bad``: any of RESULT_UNRELIABLE, *_UNRELIABLE or NO_RESULT."""
+    return (np.asarray(flags, dtype=np.int64) & int(FLAG_BAD_MASK)) != 0
+
+
+def apply_flags(frame: pd.DataFrame, value_columns: list[str], thresholds: FlagThresholds = FlagThresholds()) -> pd.DataFrame:
+    """A copy of ``frame`` with ``result_flags``, ``flag_warn``, ``flag_bad``; the ``value_columns`` (values and
+    errors) of NO_RESULT rows are set to NaN."""
+    flagged = frame.copy()
+    flags = result_flags(frame, thresholds)
+    no_result = (flags & int(ResultFlag.NO_RESULT)) != 0
+    for column in value_columns:
+        if column in flagged.columns:
+            flagged[column] = flagged[column].astype(float).mask(no_result)
+    flagged["result_flags"] = flags
+    flagged["flag_warn"] = flag_warn(flags)
+    flagged["flag_bad"] = flag_bad(flags)
+    return flagged
+
+
+def decode_flags(flags: int) -> list[str]:
+    """Names of the bits set in one ``result_flags`` value."""
+    return [bit.name for bit in ResultFlag if int(flags) & int(bit)]
