@@ -19,7 +19,8 @@ import torch
 import yaml
 from torch import nn
 
-from catalogbuilder.constants import BOSSNET_PARAMS_BOSS, DEFAULT_DRAWS, GRID_APOGEE, GRID_OPTICAL, GRIDS, grid_wavelength
+from catalogbuilder.constants import (BOSSNET_PARAMS_BOSS, DEFAULT_DRAWS, GRID_APOGEE, GRID_OPTICAL, GRIDS,
+                                      grid_wavelength)
 from catalogbuilder.models.montecarlo import DEFAULT_MAX_BATCH, LABEL_TO_OUTPUT, canonical_outputs, monte_carlo_predict
 from catalogbuilder.models.preprocess import load_label_stats, log_scale_flux, unnormalize
 from catalogbuilder.models.registry import ModelInfo, SpectralModel, register_family
@@ -52,7 +53,8 @@ class BossNetConfig:
                     ("model_dim", "kernel_size", "num_targets", "adapt_pool_output_dim", "num_linear", "linear_dim")}
         bad = {name: value for name, value in positive.items() if int(value) < 1}
         if bad or not self.dim_mults or min(self.dim_mults) < 1:
-            raise ValueError(f"BossNet arguments must be positive integers with non-empty dim_mults; got {bad or self.dim_mults}")
+            raise ValueError("BossNet arguments must be positive integers with non-empty dim_mults; "
+                             f"got {bad or self.dim_mults}")
 
     @classmethod
     def from_dict(cls, arguments: dict[str, Any]) -> BossNetConfig:
@@ -205,11 +207,12 @@ class BossNet(nn.Module):
         wrong_shape = sorted(key for key in set(expected) & set(state_dict)
                              if tuple(expected[key].shape) != tuple(state_dict[key].shape))
         if missing or unexpected or wrong_shape:
+            shapes = [(key, tuple(state_dict[key].shape), tuple(expected[key].shape)) for key in wrong_shape[:5]]
             raise ValueError(
                 "weights do not match model_args.yaml: "
                 f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
-                f"wrong shape {[(key, tuple(state_dict[key].shape), tuple(expected[key].shape)) for key in wrong_shape[:5]]}"
+                f"wrong shape (key, file, model) {shapes}"
             )
         self.load_state_dict(state_dict, strict=True, assign=assign)
 

@@ -42,8 +42,8 @@ def cap_errors(flux: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
     """Per-row capped 1σ errors for the noise draws (same shape as ``error``).
 
     The median (``torch.nanmedian``: the lower middle value for an even count) is taken over the usable errors
-    (finite and > 0). Errors above 5 × median are capped; NaN, ±inf and
-    negative errors are set to the cap; zero errors stay zero (such pixels get no noise: the APOGEE reader stores 0
+    (finite and > 0). Errors above 5 × median are capped; NaN, ±inf and negative errors are set to the cap;
+    zero errors stay zero (such pixels get no noise: the APOGEE reader stores 0
     error where flux is missing, and that flux is the 1e-6 floor anyway). A row without any usable error uses
     0.1 × median(finite flux) everywhere, as the readers do; if that is not positive either (an all-zero spectrum),
     its draws carry no noise and its raw errors are 0.
@@ -83,7 +83,8 @@ def monte_carlo_predict(
     flux = torch.as_tensor(flux, dtype=torch.float32)
     error = torch.as_tensor(error, dtype=torch.float32)
     if flux.ndim != 2 or flux.shape != error.shape:
-        raise ValueError(f"flux and error must both be (spectra, pixels); got {tuple(flux.shape)} and {tuple(error.shape)}")
+        raise ValueError("flux and error must both be (spectra, pixels); "
+                         f"got {tuple(flux.shape)} and {tuple(error.shape)}")
     if draws < 0 or max_batch < 1:
         raise ValueError(f"draws must be >= 0 and max_batch >= 1; got draws={draws}, max_batch={max_batch}")
     n_spectra, n_pixels = flux.shape
