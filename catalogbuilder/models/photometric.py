@@ -25,6 +25,8 @@ import torch
 import yaml
 from torch import nn
 
+from catalogbuilder.models.registry import ModelInfo, SpectralModel, register_family
+
 FAMILY = "photometric"
 CONFIG_FILE = "catalogbuilder.yaml"
 WEIGHTS_FILE = "weights.pt"
@@ -159,43 +161,29 @@ def build_networks(config: PhotometricConfig) -> nn.ModuleDict:
     })
 
 
-class PhotometricModel:
-    """A trained photometric model: ``predict(photometry=table)`` → teff, logg, fe_h (+ MC errors).
+class PhotometricModel(SpectralModel):
+    """A trained photometric model: ``predict(None, None, photometry=table)`` → teff, logg, fe_h (+ MC errors).
 
-    Shares the ``SpectralModel`` attributes (``grid`` is None, ``needs_photometry`` True); ``flux`` and ``error``
-    must be None. Uncertainties: ``draws`` Monte-Carlo realisations of the inputs, each magnitude and the parallax
-    perturbed by its 1σ error column (``e_<band>``, ``parallax_error``) when present; value = median, raw error =
-    std over draws (NaN when ``draws == 0``). A row's draws depend only on its own seed.
+    A :class:`SpectralModel` with ``grid`` None and ``needs_photometry`` True; ``flux`` and ``error`` must be None and
+    ``photometry`` is a DataFrame or a mapping of per-row arrays with the canonical column names
+    (``photometric.table``). Uncertainties: ``draws`` Monte-Carlo realisations of the inputs, each magnitude and the
+    parallax perturbed by its 1σ error column (``e_<band>``, ``parallax_error``) when present; value = median, raw
+    error = std over draws (NaN when ``draws == 0``). A row's draws depend only on its own seed.
     """
 
-    family = FAMILY
-    grid = None
     needs_photometry = True
-    outputs = TARGETS
 
-    def __init__(self, config: PhotometricConfig, networks: nn.ModuleDict, weights_sha256: str, device: str = "cpu"):
+    def __init__(self, config: PhotometricConfig, networks: nn.ModuleDict, weights_sha256: str,
+                 device: str | torch.device = "cpu", info: ModelInfo | None = None) -> None:
+        info = info or ModelInfo(directory=Path("."), name=config.name, family=FAMILY)
+        super().__init__(info, None, weights_sha256, TARGETS, torch.device(device))
         self.config = config
-        self.name = config.name
-        self.weights_sha256 = weights_sha256
-        self.device = torch.device(device)
         self.networks = networks.to(self.device).eval()
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu") -> "PhotometricModel":
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "PhotometricModel":
         """Load a model directory (``catalogbuilder.yaml`` + ``weights.pt``)."""
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"photometric model directory {directory} lacks {path.name}")
-        content = yaml.safe_load(config_path.read_text())
-        if content.get("family") != FAMILY:
-            raise ValueError(f"{config_path}: family is {content.get('family')!r}, expected {FAMILY!r}")
-        config = PhotometricConfig.from_yaml(content)
-        networks = build_networks(config)
-        networks.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
-        return cls(config, networks, digest, device)
+        return load_photometric(ModelInfo.read(directory), torch.device(device))
 
     def save(self, directory: str | Path) -> Path:
         """Write ``catalogbuilder.yaml`` and ``weights.pt``; updates ``weights_sha256``."""
@@ -234,13 +222,14 @@ class PhotometricModel:
         return drawn
 
     def predict(self, flux: np.ndarray | None = None, error: np.ndarray | None = None, draws: int = 20,
-                seeds: Sequence[int] | None = None, photometry: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
+                seeds: Sequence[int] | np.ndarray | None = None,
+                photometry: pd.DataFrame | Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Per-row teff (K), logg, fe_h (dex) with ``raw_e_*``, plus ``logteff``/``raw_e_logteff``."""
         if flux is not None or error is not None:
             raise ValueError("the photometric model takes no spectrum: pass photometry=table only")
         if photometry is None:
             raise ValueError("the photometric model needs photometry (a table of magnitudes and parallax)")
-        photometry = photometry.reset_index(drop=True)
+        photometry = pd.DataFrame(photometry).reset_index(drop=True)
         n_rows = len(photometry)
         seeds = list(range(n_rows)) if seeds is None else list(seeds)
         if len(seeds) != n_rows:
@@ -260,3 +249,19 @@ class PhotometricModel:
             result["logteff"] = np.log10(result["teff"])
             result["raw_e_logteff"] = result["raw_e_teff"] / (result["teff"] * np.log(10.0))
         return result
+
+
+@register_family(FAMILY)
+def load_photometric(info: ModelInfo, device: torch.device, **options: object) -> PhotometricModel:
+    """Registry builder: a :class:`PhotometricModel` from ``catalogbuilder.yaml`` + ``weights.pt`` in ``info.directory``."""
+    if options:
+        raise TypeError(f"the photometric family takes no options; got {sorted(options)}")
+    config_path, weights_path = info.directory / CONFIG_FILE, info.directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"photometric model directory {info.directory} lacks {path.name}")
+    config = PhotometricConfig.from_yaml(yaml.safe_load(config_path.read_text()))
+    networks = build_networks(config)
+    networks.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    return PhotometricModel(config, networks, digest, device, info)
