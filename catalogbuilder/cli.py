@@ -12,6 +12,7 @@ from catalogbuilder import __version__
 # ``func(args) -> int`` is the exit status. Heavy imports stay inside ``func`` so ``--help`` is instant.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "catalogbuilder.store.cli",
+    "catalogbuilder.inference.cli",
     "catalogbuilder.photometric.cli",
 )
 

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from distributed import Client, LocalCluster
 
+from catalogbuilder.cli import main as catalogbuilder_main
+from catalogbuilder.inference import graph
+from catalogbuilder.inference.graph import InferenceReport, chunk_ranges, degenerate_rows, run_inference
 from catalogbuilder.inference.results import (
     METADATA_COLUMNS,
     STATUS_NO_RESULT,
@@ -107,3 +114,225 @@ def test_rerun_keys_and_release_view(tmp_path: Path) -> None:
 def test_reading_an_empty_store_gives_the_columns(tmp_path: Path) -> None:
     frame = ResultsStore.for_store(tmp_path).read()
     assert frame.empty and list(frame.columns) == list(METADATA_COLUMNS)
+
+
+# --- the Dask graph, end to end on real spectra ------------------------------------------------------------------
+MODEL_OUTPUT_COLUMNS = value_columns(("teff", "logg", "fe_h"))
+PREDICTION_TOLERANCE = 1e-4  # conformance README: predictions within 1e-4 x max(1, |ref|)
+
+
+def local_client(workers: int) -> Iterator[Client]:
+    """An in-process cluster of single-threaded workers (fast to start; tasks share this process)."""
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    torch.set_num_threads(1)
+    yield from local_client(1)
+
+
+@pytest.fixture(scope="module")
+def small_model(conformance_dir: Path) -> Path:
+    """The conformance ``apogee_small`` model (official format, random weights, reference outputs known)."""
+    return conformance_dir / "apogee_small"
+
+
+@pytest.fixture(scope="module")
+def ingested_store(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A spectrum store holding the 7 spectra of the two real apStar files (one row entirely zero)."""
+    from catalogbuilder.store.spectra import SpectrumStore
+
+    path = tmp_path_factory.mktemp("ingested") / "store"
+    report = SpectrumStore.open(path).ingest(sorted((shared_data / "apogee").glob("apStar-*.fits")), progress=False)
+    assert report.added["apogee"] == 7
+    return path
+
+
+@pytest.fixture
+def store(ingested_store: Path, tmp_path: Path) -> Path:
+    """A private copy of the ingested store (results are written inside it)."""
+    return Path(shutil.copytree(ingested_store, tmp_path / "store"))
+
+
+def store_rows(store_path: Path, shared_data: Path) -> pd.DataFrame:
+    """spectrum_id → conformance input name (``apogee/<file>[row]``) of every spectrum in the store."""
+    from catalogbuilder.store.spectra import SpectrumStore
+
+    dataset = SpectrumStore.open(store_path).dataset("apogee")
+    return pd.DataFrame({
+        "spectrum_id": graph.as_str_array(dataset["spectrum_id"].values),
+        "name": [f"{Path(path).relative_to(shared_data)}[{row}]"
+                 for path, row in zip(graph.as_str_array(dataset["file_path"].values), dataset["row"].values)],
+    })
+
+
+def part_files(store_path: Path) -> list[Path]:
+    return sorted((store_path / "results").rglob("*.parquet"))
+
+
+def test_chunk_ranges_and_degenerate_rows() -> None:
+    assert chunk_ranges(7, (7,), None) == [(0, 7)]
+    assert chunk_ranges(7, (3, 3, 1), None) == [(0, 3), (3, 6), (6, 7)]
+    assert chunk_ranges(7, (7,), 3) == [(0, 3), (3, 6), (6, 7)]
+    with pytest.raises(ValueError):
+        chunk_ranges(7, None, 0)
+    flux = np.array([[0.0, 0.0, 0.0], [np.nan, -1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 2.0, np.nan]], dtype=np.float32)
+    assert degenerate_rows(flux).tolist() == [True, True, True, False]
+
+
+def test_inference_reproduces_the_reference_and_a_rerun_does_nothing(
+    client: Client, store: Path, small_model: Path, shared_data: Path, conformance_dir: Path
+) -> None:
+    report = run_inference(client, store, small_model, draws=0, progress=False)
+    assert (report.n_spectra, report.n_skipped, report.n_ok, report.n_no_result) == (7, 0, 7, 0)
+    assert report.n_degenerate == 1 and not report.failed_chunks
+
+    results = ResultsStore.for_store(store).read("apogee_small").merge(store_rows(store, shared_data), on="spectrum_id")
+    assert len(results) == 7 and results["spectrum_id"].is_unique
+    vectors = np.load(conformance_dir / "apogee_small" / "vectors.npz")
+    reference = pd.DataFrame(vectors["predictions"], columns=[f"ref_{n}" for n in vectors["param_names"]])
+    reference["name"] = [str(n) for n in vectors["names"]]
+    reference["degenerate"] = vectors["degenerate"]
+    joined = results.merge(reference, on="name", validate="one_to_one")
+    for ours, theirs in (("logg", "logg"), ("logteff", "logTeff"), ("fe_h", "FeH")):
+        theirs = joined[f"ref_{theirs}"]
+        deviation = np.abs(joined[ours] - theirs) / np.maximum(1.0, np.abs(theirs))
+        assert deviation.max() <= PREDICTION_TOLERANCE, f"{ours} deviates by {deviation.max():.2e}"
+    np.testing.assert_allclose(joined["teff"], 10 ** joined["logteff"], rtol=1e-12)
+    assert (joined["status"] == STATUS_OK).all()
+    assert ((joined["reason"] != "") == joined["degenerate"]).all(), "only the all-zero row is flagged degenerate"
+    assert joined[[c for c in MODEL_OUTPUT_COLUMNS if c.startswith("raw_e_")]].isna().all().all(), "no draws: no errors"
+    assert (joined["n_draws"] == 0).all() and (joined["seed"] == 0).all()
+    weights = hashlib.sha256(b"".join((small_model / f"model_chunk_{i}").read_bytes() for i in range(10))).hexdigest()
+    assert (joined["weights_sha256"] == weights).all()
+
+    parts = part_files(store)
+    again = run_inference(client, store, small_model, draws=0, progress=False)
+    assert (again.n_skipped, again.n_computed, len(again.chunks)) == (7, 0, 0)
+    assert part_files(store) == parts, "a rerun writes nothing"
+
+
+def test_new_weights_recompute_every_row(client: Client, store: Path, small_model: Path, tmp_path: Path) -> None:
+    from catalogbuilder.models.weights import load_state_dict, save_state_dict
+
+    run_inference(client, store, small_model, draws=0, progress=False)
+    retrained = tmp_path / "apogee_small"
+    shutil.copytree(small_model, retrained)
+    state_dict, old_sha = load_state_dict(retrained)
+    state_dict["linear_sequential.2.bias"] += 0.1  # last Linear: shifts every z-score
+    new_sha = save_state_dict(state_dict, retrained)
+    assert new_sha != old_sha
+
+    report = run_inference(client, store, retrained, draws=0, progress=False)
+    assert (report.n_skipped, report.n_ok) == (0, 7)
+    results = ResultsStore.for_store(store)
+    latest = results.read("apogee_small")
+    assert len(latest) == 7 and (latest["weights_sha256"] == new_sha).all()
+    history = results.read("apogee_small", latest_only=False)
+    assert history.groupby("weights_sha256").size().to_dict() == {old_sha: 7, new_sha: 7}
+    old = history[history["weights_sha256"] == old_sha].set_index("spectrum_id")
+    new = latest.set_index("spectrum_id").loc[old.index]
+    assert (np.abs(new["logg"] - old["logg"]) > 1e-3).all(), "the new weights really were used"
+
+
+def test_results_do_not_depend_on_chunking_or_worker_count(client: Client, store: Path, small_model: Path,
+                                                            tmp_path: Path) -> None:
+    one_chunk = run_inference(client, store, small_model, draws=4, seed=7, progress=False)
+    assert len(one_chunk.chunks) == 1
+    reference = ResultsStore.for_store(store).read().set_index("spectrum_id")
+
+    other = Path(shutil.copytree(store, tmp_path / "other"))
+    shutil.rmtree(other / "results")
+    for two_workers in local_client(2):
+        split = run_inference(two_workers, other, small_model, draws=4, seed=7, spectra_per_task=2, batch_size=1,
+                              progress=False)
+    assert len(split.chunks) == 4 and len({chunk.worker for chunk in split.chunks}) == 2
+    rerun = ResultsStore.for_store(other).read().set_index("spectrum_id").loc[reference.index]
+    assert (reference["status"] == STATUS_OK).all()
+    for column in MODEL_OUTPUT_COLUMNS:
+        np.testing.assert_array_equal(rerun[column].to_numpy(), reference[column].to_numpy(), err_msg=column)
+    assert (reference["raw_e_teff"].drop(index=reference.index[reference["reason"] != ""]) > 0).all()
+
+    reseeded = Path(shutil.copytree(other, tmp_path / "reseeded"))
+    shutil.rmtree(reseeded / "results")
+    run_inference(client, reseeded, small_model, draws=4, seed=8, progress=False)
+    changed = ResultsStore.for_store(reseeded).read().set_index("spectrum_id").loc[reference.index]
+    assert not np.array_equal(changed["teff"].to_numpy(), reference["teff"].to_numpy()), "the seed matters"
+
+
+def test_failed_tasks_become_no_result_rows_and_are_retried_by_a_rerun(
+    client: Client, store: Path, small_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: dict[int, int] = {}
+    lock = threading.Lock()
+    real_predict_chunk = graph.predict_chunk
+
+    def flaky(task: graph.ChunkTask, model: object) -> pd.DataFrame:
+        """Task [2, 4) always fails; task [4, 6) fails once (a transient error) and then succeeds."""
+        with lock:
+            attempts[task.start] = attempts.get(task.start, 0) + 1
+        if task.start == 2 or (task.start == 4 and attempts[task.start] == 1):
+            raise OSError(f"simulated storage error reading spectra {task.start}-{task.stop}")
+        return real_predict_chunk(task, model)
+
+    monkeypatch.setattr(graph, "predict_chunk", flaky)
+    report = run_inference(client, store, small_model, draws=0, spectra_per_task=2, retries=1, progress=False)
+    assert attempts == {0: 1, 2: 2, 4: 2, 6: 1}
+    assert [(start, stop) for start, stop, _ in report.failed_chunks] == [(2, 4)]
+    assert "simulated storage error" in report.failed_chunks[0][2]
+    assert (report.n_ok, report.n_no_result) == (5, 2)
+    rows = ResultsStore.for_store(store).read(latest_only=False)
+    assert len(rows) == 7 and rows["spectrum_id"].is_unique, "every spectrum has exactly one row"
+    failed = rows[rows["status"] == STATUS_NO_RESULT]
+    assert len(failed) == 2 and failed["reason"].str.contains("task failed after retries: OSError").all()
+    assert failed[MODEL_OUTPUT_COLUMNS].isna().all().all()
+
+    monkeypatch.setattr(graph, "predict_chunk", real_predict_chunk)
+    retry = run_inference(client, store, small_model, draws=0, spectra_per_task=2, progress=False)
+    assert (retry.n_skipped, retry.n_ok, retry.n_no_result) == (5, 2, 0)
+    final = ResultsStore.for_store(store).read()
+    assert len(final) == 7 and (final["status"] == STATUS_OK).all()
+
+
+def test_non_finite_predictions_are_no_result_rows(client: Client, store: Path, small_model: Path,
+                                                   tmp_path: Path) -> None:
+    from catalogbuilder.models.weights import load_state_dict, save_state_dict
+
+    broken = tmp_path / "apogee_small"
+    shutil.copytree(small_model, broken)
+    state_dict, _ = load_state_dict(broken)
+    state_dict["linear_sequential.2.bias"][0] = float("nan")  # the logg output becomes NaN
+    save_state_dict(state_dict, broken)
+    report = run_inference(client, store, broken, draws=0, progress=False)
+    assert (report.n_ok, report.n_no_result) == (0, 7)
+    rows = ResultsStore.for_store(store).read()
+    assert (rows["status"] == STATUS_NO_RESULT).all()
+    assert (rows["reason"] == "non-finite prediction: logg").all()
+    assert np.isfinite(rows["teff"]).all(), "the finite outputs are kept for inspection"
+
+
+def test_missing_store_is_a_clear_error(client: Client, small_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no spectrum store"):
+        run_inference(client, tmp_path / "nowhere", small_model, progress=False)
+
+
+def test_infer_command_on_a_running_scheduler(client: Client, store: Path, small_model: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["infer", "--store", str(store), "--model", str(small_model), "--draws", "2", "--seed", "3",
+            "--address", client.scheduler.address, "--no-progress"]
+    assert catalogbuilder_main(argv) == 0
+    assert "7 ok (1 degenerate input), 0 no_result" in capsys.readouterr().out
+    rows = ResultsStore.for_store(store).read()
+    assert len(rows) == 7 and (rows["n_draws"] == 2).all() and (rows["seed"] == 3).all()
+    assert catalogbuilder_main(argv) == 0
+    assert "7 already done, 0 ok" in capsys.readouterr().out
+
+
+def test_report_summary_counts() -> None:
+    report = InferenceReport("m", WEIGHTS_A, "apogee", None, n_spectra=3, n_skipped=1, n_ok=1, n_no_result=1,
+                             seconds=2.0)
+    assert report.n_computed == 2 and report.spectra_per_second == 1.0
+    assert "3 spectra, 1 already done, 1 ok" in report.summary()

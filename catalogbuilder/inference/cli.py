@@ -1,0 +1,63 @@
+"""``catalogbuilder infer``: predict every spectrum of a store with one model on a Dask cluster."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from catalogbuilder.cluster import add_cluster_arguments
+from catalogbuilder.constants import DEFAULT_DRAWS
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``infer`` sub-command."""
+    from catalogbuilder.inference.graph import DEFAULT_BATCH_SIZE, DEFAULT_RETRIES, DEVICES
+
+    parser = subparsers.add_parser(
+        "infer",
+        help="predict Teff, log g, [Fe/H] (+RV) for every spectrum of a store (skips what is already done)",
+        description=(
+            "Map a model over the spectra of its grid in a spectrum store with Dask; per-spectrum results (values, "
+            "Monte-Carlo raw errors, provenance) go to STORE/results/<model>/<weights sha256[:16]>/. "
+            "Exit status 1 when a task failed for good (its spectra are recorded as no_result)."
+        ),
+    )
+    parser.add_argument("--store", required=True, help="spectrum store directory (from `catalogbuilder ingest`)")
+    parser.add_argument("--model", required=True, help="shipped model name or model directory")
+    parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="Monte-Carlo draws per spectrum (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="run seed; each spectrum's draws use spectrum_seed(id, seed)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="spectra per model call")
+    parser.add_argument(
+        "--spectra-per-task", type=int, default=None, help="spectra per Dask task (default: the store's chunks)"
+    )
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where workers run the model")
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="extra attempts of a failed task")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cluster_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``infer`` and print its summary; 0 when every task succeeded, 1 when some failed for good."""
+    from catalogbuilder.cluster import connect_from_args
+    from catalogbuilder.inference.graph import run_inference
+
+    args.gpu = {"auto": "auto", "cuda": True, "cpu": False}[args.device]  # local cluster: dask-cuda when it can help
+    with connect_from_args(args) as client:
+        report = run_inference(
+            client,
+            args.store,
+            args.model,
+            draws=args.draws,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            spectra_per_task=args.spectra_per_task,
+            device=args.device,
+            retries=args.retries,
+            progress=not args.no_progress,
+        )
+    print(report.summary())
+    for start, stop, reason in report.failed_chunks:
+        print(f"  failed task spectra [{start}, {stop}): {reason}")
+    return 1 if report.failed_chunks else 0

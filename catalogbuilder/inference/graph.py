@@ -1,0 +1,451 @@
+"""Distributed inference: one Dask task per range of store spectra, the model loaded once per worker by a plugin.
+
+Graph choice: ``client.map`` over spectrum index ranges aligned with the store's Zarr chunks along ``spectrum``
+(rather than ``xarray``/``dask.array`` ``map_blocks``). Each task receives only small values — the store path, the
+snapshot id, its index range, the positions still to do, and the model directory — opens the store itself, predicts,
+writes its own Parquet part and returns a few counts. So no array or model travels through the scheduler, already-done
+spectra are skipped inside a chunk, every task carries ``resources={"GPU": 1}`` explicitly when GPU workers are used
+(``dask.annotate`` can be dropped by graph optimisation, dask#7036), retries are per task, and a task that fails
+for good is turned into ``no_result`` rows for exactly its spectra.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import pandas as pd
+from distributed import Client, WorkerPlugin, as_completed, get_worker
+
+from catalogbuilder import __version__
+from catalogbuilder.cluster import GPU_RESOURCE
+from catalogbuilder.constants import DEFAULT_DRAWS, FLUX_FLOOR
+from catalogbuilder.inference.results import (
+    STATUS_NO_RESULT,
+    STATUS_OK,
+    ResultsStore,
+    utc_now_iso,
+    value_columns,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32  # spectra per model.predict call (each expands to 1 + draws forward passes)
+DEFAULT_RETRIES = 2  # extra attempts of a task whose worker died or that raised
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+REASON_DEGENERATE = "degenerate input: constant model input (e.g. an all-zero spectrum); predicted anyway"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when this process sees a GPU, else ``cpu``; ``cpu``/``cuda`` are returned as given."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads one model (directory + weights checksum) once per worker and keeps it for every task.
+
+    The plugin name contains the directory, checksum and device, so several models can be held side by side;
+    ``idempotent`` makes registering the same model again a no-op, so a long-lived cluster keeps it cached.
+    """
+
+    idempotent = True
+
+    def __init__(self, model_dir: str, weights_sha256: str, device: str = "auto") -> None:
+        self.model_dir = model_dir
+        self.weights_sha256 = weights_sha256
+        self.device = device
+        self.name = plugin_name(model_dir, weights_sha256, device)
+        self.model: Any = None
+
+    def setup(self, worker: Any) -> None:
+        """Load the model onto this worker's device; torch uses as many threads as the worker has."""
+        import torch
+
+        from catalogbuilder.models.registry import load_model
+
+        torch.set_num_threads(max(1, int(worker.state.nthreads)))
+        device = resolve_device(self.device)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device 'cuda' requested but worker {worker.address} sees no CUDA device")
+        model = load_model(self.model_dir, device=device)
+        if model.weights_sha256 != self.weights_sha256:
+            raise RuntimeError(
+                f"weights in {self.model_dir} changed: worker {worker.address} sees sha256 "
+                f"{model.weights_sha256[:16]}…, the run was planned with {self.weights_sha256[:16]}…"
+            )
+        self.model = model
+
+    def teardown(self, worker: Any) -> None:
+        """Drop the model (and its GPU memory)."""
+        self.model = None
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def plugin_name(model_dir: str, weights_sha256: str, device: str) -> str:
+    """Worker-plugin name of a model: the cache key (directory, weights checksum, device)."""
+    return f"catalogbuilder-model:{weights_sha256[:16]}:{device}:{model_dir}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkTask:
+    """One inference task: which spectra of which store snapshot, and how to predict them.
+
+    ``positions`` are the indices (within the grid's ``spectrum`` dimension) still to do, all in [start, stop).
+    """
+
+    store_path: str
+    snapshot_id: str | None
+    grid: str
+    start: int
+    stop: int
+    positions: tuple[int, ...]
+    model_dir: str
+    model_name: str
+    weights_sha256: str
+    outputs: tuple[str, ...]
+    plugin: str
+    draws: int
+    seed: int
+    batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSummary:
+    """What a task did: counts, the worker that ran it, the part it wrote and the seconds it took."""
+
+    start: int
+    stop: int
+    n_spectra: int
+    n_ok: int
+    n_no_result: int
+    n_degenerate: int
+    worker: str
+    part: str | None
+    seconds: float
+
+
+@dataclasses.dataclass
+class InferenceReport:
+    """Outcome of :func:`run_inference`."""
+
+    model_name: str
+    weights_sha256: str
+    grid: str
+    snapshot_id: str | None
+    n_spectra: int  # spectra of the grid in the store snapshot
+    n_skipped: int  # already done (ok) for this model and weights
+    n_ok: int = 0
+    n_no_result: int = 0
+    n_degenerate: int = 0
+    chunks: list[ChunkSummary] = dataclasses.field(default_factory=list)
+    failed_chunks: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)  # (start, stop, reason)
+    seconds: float = 0.0
+
+    @property
+    def n_computed(self) -> int:
+        """Rows written by this run (ok + no_result)."""
+        return self.n_ok + self.n_no_result
+
+    @property
+    def spectra_per_second(self) -> float:
+        """Throughput of this run over its wall-clock time (spectra/s)."""
+        return self.n_computed / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        """One-paragraph human-readable summary."""
+        return (
+            f"{self.model_name} (weights {self.weights_sha256[:16]}) on {self.grid}: {self.n_spectra} spectra, "
+            f"{self.n_skipped} already done, {self.n_ok} ok ({self.n_degenerate} degenerate input), "
+            f"{self.n_no_result} no_result, {len(self.failed_chunks)} failed task(s); "
+            f"{self.seconds:.1f} s, {self.spectra_per_second:.1f} spectra/s"
+        )
+
+
+def as_str_array(values: np.ndarray) -> np.ndarray:
+    """Zarr string coordinates (numpy StringDType) as a plain fixed-width ``str`` array."""
+    return np.asarray(values).astype(object).astype(str)
+
+
+def degenerate_rows(flux: np.ndarray) -> np.ndarray:
+    """True for spectra whose model input is constant: after the 1e-6 flux floor every pixel is equal
+    (all zero, all negative or all NaN flux). The model still predicts them; the row says why it is suspect."""
+    floored = np.fmax(np.nan_to_num(flux, nan=FLUX_FLOOR, posinf=FLUX_FLOOR, neginf=FLUX_FLOOR), FLUX_FLOOR)
+    return np.ptp(floored, axis=1) == 0
+
+
+def _predict_isolating_failures(
+    model: Any, flux: np.ndarray, error: np.ndarray, seeds: np.ndarray, draws: int, batch_size: int
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``model.predict`` in batches; a batch that raises is redone one spectrum at a time so that only the
+    spectra that really fail lose their result. Returns the value columns and a per-spectrum error text."""
+    columns = value_columns(model.outputs)
+    values = {name: np.full(len(flux), np.nan) for name in columns}
+    errors = [""] * len(flux)
+
+    def predict_into(rows: slice | list[int]) -> None:
+        predicted = model.predict(flux[rows], error[rows], draws=draws, seeds=seeds[rows])
+        for name in columns:
+            values[name][rows] = np.asarray(predicted[name], dtype=np.float64)
+
+    for begin in range(0, len(flux), batch_size):
+        batch = slice(begin, min(begin + batch_size, len(flux)))
+        try:
+            predict_into(batch)
+        except Exception:  # noqa: BLE001 - isolate the failing spectra below, keep the rest of the batch
+            for index in range(batch.start, batch.stop):
+                try:
+                    predict_into([index])
+                except Exception as exc:  # noqa: BLE001 - recorded as the spectrum's no_result reason
+                    errors[index] = f"prediction failed: {type(exc).__name__}: {exc}"
+    return values, errors
+
+
+def predict_chunk(task: ChunkTask, model: Any) -> pd.DataFrame:
+    """Predict the pending spectra of one task with ``model``; one results row per spectrum (not yet written)."""
+    from catalogbuilder.models.montecarlo import spectrum_seed
+
+    dataset = open_grid(task.store_path, task.snapshot_id, task.grid).isel(spectrum=slice(task.start, task.stop))
+    rows = np.asarray(task.positions, dtype=np.int64) - task.start
+    with dask.config.set(scheduler="synchronous"):  # read the whole aligned range here, in this task's thread
+        spectrum_ids = as_str_array(dataset["spectrum_id"].values[rows])
+        flux = np.asarray(dataset["flux"].values[rows], dtype=np.float32)
+        error = np.asarray(dataset["error"].values[rows], dtype=np.float32)
+    seeds = np.array([spectrum_seed(spectrum_id, task.seed) for spectrum_id in spectrum_ids], dtype=np.int64)
+    values, errors = _predict_isolating_failures(model, flux, error, seeds, task.draws, task.batch_size)
+
+    degenerate = degenerate_rows(flux)
+    non_finite = [
+        [name for name in task.outputs if not np.isfinite(values[name][row])] for row in range(len(spectrum_ids))
+    ]
+    status, reason = [], []
+    for row in range(len(spectrum_ids)):
+        if errors[row]:
+            status.append(STATUS_NO_RESULT)
+            reason.append(errors[row])
+        elif non_finite[row]:
+            status.append(STATUS_NO_RESULT)
+            reason.append(f"non-finite prediction: {', '.join(non_finite[row])}")
+        else:
+            status.append(STATUS_OK)
+            reason.append(REASON_DEGENERATE if degenerate[row] else "")
+    frame = provenance_frame(spectrum_ids, task, status, reason)
+    for name, column in values.items():
+        frame[name] = column
+    return frame
+
+
+def provenance_frame(
+    spectrum_ids: Sequence[str], task: ChunkTask, status: Sequence[str] | str, reason: Sequence[str] | str
+) -> pd.DataFrame:
+    """The provenance columns of results rows for ``spectrum_ids`` computed under ``task``."""
+    return pd.DataFrame(
+        {
+            "spectrum_id": list(spectrum_ids),
+            "model_name": task.model_name,
+            "weights_sha256": task.weights_sha256,
+            "software_version": __version__,
+            "created": utc_now_iso(),
+            "n_draws": task.draws,
+            "seed": task.seed,
+            "status": status,
+            "reason": reason,
+        }
+    )
+
+
+def infer_chunk(task: ChunkTask) -> ChunkSummary:
+    """Dask task: predict one range of spectra with the worker's cached model and write their results part."""
+    began = time.perf_counter()
+    worker = get_worker()
+    plugin = worker.plugins.get(task.plugin)
+    if plugin is None or plugin.model is None:
+        raise RuntimeError(f"model plugin {task.plugin!r} is not loaded on worker {worker.address}")
+    frame = predict_chunk(task, plugin.model)
+    part = ResultsStore.for_store(task.store_path).write_part(frame)
+    statuses = frame["status"]
+    return ChunkSummary(
+        start=task.start,
+        stop=task.stop,
+        n_spectra=len(frame),
+        n_ok=int((statuses == STATUS_OK).sum()),
+        n_no_result=int((statuses == STATUS_NO_RESULT).sum()),
+        n_degenerate=int((frame["reason"] == REASON_DEGENERATE).sum()),
+        worker=worker.address,
+        part=str(part) if part else None,
+        seconds=time.perf_counter() - began,
+    )
+
+
+def open_grid(store_path: str, snapshot_id: str | None, grid: str) -> Any:
+    """The lazy dataset of one grid of the spectrum store at ``store_path``, as of ``snapshot_id``."""
+    from catalogbuilder.store.spectra import SpectrumStore
+
+    dataset = SpectrumStore.open(store_path).dataset(grid, snapshot=snapshot_id)
+    if dataset is None:
+        raise RuntimeError(f"store {store_path} has no {grid!r} spectra at snapshot {snapshot_id}")
+    return dataset
+
+
+def chunk_ranges(n_spectra: int, chunk_sizes: Sequence[int] | None, spectra_per_task: int | None) -> list[tuple[int, int]]:
+    """Index ranges of the tasks: ``spectra_per_task`` spectra each when given, else the store's own chunks."""
+    if spectra_per_task is not None:
+        if spectra_per_task < 1:
+            raise ValueError("spectra_per_task must be at least 1")
+        edges = list(range(0, n_spectra, spectra_per_task)) + [n_spectra]
+    else:
+        edges = list(np.cumsum([0, *(chunk_sizes or [n_spectra])]))
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def gpu_workers(client: Client) -> list[str]:
+    """Addresses of the workers advertising a ``GPU`` resource."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(address for address, info in workers.items() if info.get("resources", {}).get(GPU_RESOURCE, 0) > 0)
+
+
+def run_inference(
+    client: Client,
+    store_path: str | Path,
+    model: str | Path,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    spectra_per_task: int | None = None,
+    device: str = "auto",
+    retries: int = DEFAULT_RETRIES,
+    progress: bool = True,
+    on_chunk_done: Callable[[ChunkSummary], None] | None = None,
+) -> InferenceReport:
+    """Predict every spectrum of the model's grid in the store at ``store_path`` that has no ``ok`` result for
+    this model and weights yet; results go to ``<store>/results``.
+
+    Tasks run where ``client`` sends them: with ``GPU`` workers present each task requires ``{"GPU": 1}``.
+    A task that still fails after ``retries`` extra attempts yields ``no_result`` rows for its spectra,
+    so every pending spectrum gets exactly one row; the run always goes on.
+    """
+    from catalogbuilder.models.registry import load_model, resolve_model_dir
+    from catalogbuilder.store.spectra import SpectrumStore
+
+    if draws < 0 or batch_size < 1:
+        raise ValueError("draws must be >= 0 and batch_size >= 1")
+    began = time.perf_counter()
+    store_path = str(Path(store_path).resolve())
+    model_dir = str(resolve_model_dir(model).resolve())
+    spectral_model = load_model(model_dir, device="cpu")
+    if spectral_model.grid is None or spectral_model.needs_photometry:
+        raise ValueError(f"model {spectral_model.name!r} needs photometry; `infer` runs spectrum-only models")
+    if not Path(store_path).is_dir():
+        raise FileNotFoundError(f"no spectrum store at {store_path}")
+    store = SpectrumStore.open(store_path)
+    snapshot_id = store.snapshot_id
+    dataset = store.dataset(spectral_model.grid, snapshot=snapshot_id)
+    results = ResultsStore.for_store(store_path)
+    report = InferenceReport(
+        spectral_model.name, spectral_model.weights_sha256, spectral_model.grid, snapshot_id, n_spectra=0, n_skipped=0
+    )
+    if dataset is None:
+        report.seconds = time.perf_counter() - began
+        return report
+    spectrum_ids = as_str_array(dataset["spectrum_id"].values)
+    report.n_spectra = len(spectrum_ids)
+    done = results.completed_ids(spectral_model.name, spectral_model.weights_sha256)
+    pending = ~np.isin(spectrum_ids, list(done)) if done else np.ones(len(spectrum_ids), dtype=bool)
+    report.n_skipped = int((~pending).sum())
+
+    plugin = ModelPlugin(model_dir, spectral_model.weights_sha256, device)
+    template = ChunkTask(
+        store_path=store_path,
+        snapshot_id=snapshot_id,
+        grid=spectral_model.grid,
+        start=0,
+        stop=0,
+        positions=(),
+        model_dir=model_dir,
+        model_name=spectral_model.name,
+        weights_sha256=spectral_model.weights_sha256,
+        outputs=tuple(spectral_model.outputs),
+        plugin=plugin.name,
+        draws=draws,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    tasks = []
+    for start, stop in chunk_ranges(len(spectrum_ids), dataset.chunks.get("spectrum"), spectra_per_task):
+        positions = tuple(int(p) for p in np.flatnonzero(pending[start:stop]) + start)
+        if positions:
+            tasks.append(dataclasses.replace(template, start=start, stop=stop, positions=positions))
+    if not tasks:
+        report.seconds = time.perf_counter() - began
+        return report
+
+    try:
+        client.register_plugin(plugin)  # loads the model on every worker now; a failure stops the run here
+    except Exception:
+        client.unregister_worker_plugin(plugin.name)  # forget it, so that a later run loads it afresh
+        raise
+    resources = {GPU_RESOURCE: 1} if gpu_workers(client) else None
+    log.info("submitting %d tasks (%s)", len(tasks), f"resources {resources}" if resources else "any worker")
+    futures = client.map(
+        infer_chunk,
+        tasks,
+        key=[f"infer-{spectral_model.name}-{spectral_model.weights_sha256[:8]}-{t.start}-{t.stop}" for t in tasks],
+        resources=resources,
+        retries=retries,
+        pure=False,
+    )
+    task_of = {future.key: task for future, task in zip(futures, tasks)}
+    bar = _progress_bar(sum(len(t.positions) for t in tasks), progress)
+    for future in as_completed(futures):
+        task = task_of[future.key]
+        if future.status == "finished":
+            summary = future.result()
+        else:
+            task_ids = spectrum_ids[list(task.positions)]
+            summary = _record_failed_task(results, task, task_ids, future.exception(), report)
+        report.chunks.append(summary)
+        report.n_ok += summary.n_ok
+        report.n_no_result += summary.n_no_result
+        report.n_degenerate += summary.n_degenerate
+        if on_chunk_done is not None:
+            on_chunk_done(summary)
+        bar.update(summary.n_spectra)
+        future.release()
+    bar.close()
+    report.chunks.sort(key=lambda chunk: chunk.start)
+    report.seconds = time.perf_counter() - began
+    return report
+
+
+def _record_failed_task(
+    results: ResultsStore, task: ChunkTask, spectrum_ids: np.ndarray, exc: BaseException, report: InferenceReport
+) -> ChunkSummary:
+    """Write ``no_result`` rows for the spectra of a task that failed for good, and count it as failed."""
+    reason = f"task failed after retries: {type(exc).__name__}: {exc}"
+    log.warning("task %d-%d failed: %s", task.start, task.stop, reason)
+    report.failed_chunks.append((task.start, task.stop, reason))
+    frame = provenance_frame(spectrum_ids, task, STATUS_NO_RESULT, reason)
+    for name in value_columns(task.outputs):
+        frame[name] = np.nan
+    part = results.write_part(frame)
+    return ChunkSummary(task.start, task.stop, len(frame), 0, len(frame), 0, "", str(part) if part else None, 0.0)
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar over spectra (disabled when ``enabled`` is false)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="spectra", desc="infer", disable=not enabled)
