@@ -14,6 +14,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "catalogbuilder.store.cli",
     "catalogbuilder.inference.cli",
     "catalogbuilder.photometric.cli",
+    "catalogbuilder.crossmatch.cli",
+    "catalogbuilder.release.cli",
 )
 
 

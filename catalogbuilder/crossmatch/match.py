@@ -17,9 +17,13 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-from astropy.table import Table
+
+if TYPE_CHECKING:
+    from astropy.table import Table
 
 DEFAULT_RADIUS_ARCSEC: float = 1.0
 SENTINEL_MAX: float = -999.0  # catalog values at or below this are missing-value sentinels (-9999, -9999.99)
@@ -98,7 +102,7 @@ def _as_nullable_id(values: object) -> pd.api.extensions.ExtensionArray:
 def normalise_catalog(table: Table | pd.DataFrame, columns: CatalogColumns = CatalogColumns()) -> pd.DataFrame:
     """A catalog as a DataFrame with the output column names: ``ra``, ``dec`` (deg), ``source_id`` (nullable Int64)
     and the :data:`GAIA_COLUMNS` / :data:`TMASS_COLUMNS` values (NaN where absent, masked or a sentinel)."""
-    names = list(table.colnames if isinstance(table, Table) else table.columns)
+    names = list(table.columns if isinstance(table, pd.DataFrame) else table.colnames)
     frame: dict[str, object] = {}
     for field in ("ra", "dec"):
         found = _resolve_field(names, columns, field)
@@ -119,6 +123,8 @@ def normalise_catalog(table: Table | pd.DataFrame, columns: CatalogColumns = Cat
 def read_catalog(path: str | Path, columns: CatalogColumns = CatalogColumns()) -> pd.DataFrame:
     """Read a small catalog file (any astropy ``Table`` format: FITS, ECSV, VOTable, Parquet, CSV; or an ``.npz`` of
     equal-length 1-d arrays) and :func:`normalise_catalog` it. Raises ``ValueError`` naming the file when unreadable."""
+    from astropy.table import Table
+
     path = Path(path)
     try:
         if path.suffix == ".npz":

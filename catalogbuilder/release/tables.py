@@ -315,6 +315,7 @@ def load_store_frames(store_path: str | Path) -> tuple[pd.DataFrame, pd.DataFram
 def build_release(
     store_path: str | Path, out_dir: str | Path, catalogs: Sequence[str | Path] = (), radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
     columns: CatalogColumns = CatalogColumns(), thresholds: FlagThresholds = FlagThresholds(),
+    margin_cache: str | Path | None = None,
 ) -> list[ReleaseTable]:
     """Cross-match, calibrate, flag and write every release table of the store at ``store_path`` into ``out_dir``,
     plus ``crossmatch.parquet`` and the summary (``summary.json``, ``kiel-<model>.png``). Returns the tables."""
@@ -323,7 +324,7 @@ def build_release(
     spectra, results, rejects = load_store_frames(store_path)
     if results.empty:
         raise ValueError(f"{store_path} holds no results: run inference before the release")
-    matches = crossmatch(spectra, catalogs, radius_arcsec, columns)
+    matches = crossmatch(spectra, catalogs, radius_arcsec, columns, margin_cache=margin_cache)
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     tables = assemble_release(spectra, results, matches, rejects, thresholds, created)
     provenance = {"created": created, "radius_arcsec": str(radius_arcsec), "catalogs": ",".join(Path(c).name for c in catalogs)}

@@ -1,0 +1,77 @@
+"""``catalogbuilder crossmatch``: match the spectra of a store with Gaia/2MASS catalogs and write the match table."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from typing import TYPE_CHECKING
+
+from catalogbuilder.cluster import add_cluster_arguments, connect_from_args
+from catalogbuilder.crossmatch.match import DEFAULT_RADIUS_ARCSEC
+
+if TYPE_CHECKING:
+    from catalogbuilder.crossmatch.match import CatalogColumns
+
+
+def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--catalog``, ``--radius``, ``--column`` and ``--margin-cache`` (shared with ``catalogbuilder release``)."""
+    parser.add_argument("--catalog", action="append", default=[], metavar="FILE_OR_HATS",
+                        help="Gaia catalog: FITS/ECSV/VOTable/Parquet/CSV/NPZ file or HATS directory; repeat to give "
+                        "fall-backs in priority order (default: none, every spectrum MISSING_PHOTOMETRY)")
+    parser.add_argument("--radius", type=float, default=DEFAULT_RADIUS_ARCSEC, metavar="ARCSEC",
+                        help=f"match radius in arcsec (default {DEFAULT_RADIUS_ARCSEC:g})")
+    parser.add_argument("--column", action="append", default=[], metavar="OUTPUT=CATALOG",
+                        help="catalog column for an output column, e.g. phot_g_mean_mag=g (default: gaia_source names)")
+    parser.add_argument("--margin-cache", metavar="DIR", help="HATS margin cache of the catalog (if not in its collection)")
+    add_cluster_arguments(parser)
+
+
+def catalog_columns(pairs: list[str]) -> CatalogColumns:
+    """:class:`CatalogColumns` from ``OUTPUT=CATALOG`` strings; ``ValueError`` on a malformed pair or unknown name."""
+    from catalogbuilder.crossmatch.match import CatalogColumns
+
+    mapping = {}
+    for pair in pairs:
+        output, separator, name = pair.partition("=")
+        if not separator or not output or not name:
+            raise ValueError(f"--column wants OUTPUT=CATALOG, got {pair!r}")
+        mapping[output.strip()] = name.strip()
+    return CatalogColumns.from_mapping(mapping)
+
+
+def cluster_or_local(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The cluster named by the options, or no client at all (Dask's local scheduler in this process)."""
+    asked = any(getattr(args, name, None) for name in ("cluster", "scheduler_file", "address", "runner", "workers"))
+    return connect_from_args(args) if asked else contextlib.nullcontext()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``crossmatch`` sub-command."""
+    parser = subparsers.add_parser(
+        "crossmatch", help="match the store's spectra with Gaia/2MASS catalogs (one row per spectrum)",
+        description="Nearest catalog source within the radius for every spectrum of the store; writes a Parquet "
+        "table with gaia_source_id, gaia_sep_arcsec, G/BP/RP, parallax, 2MASS J/H/K, n_bands and missing_bands.",
+    )
+    parser.add_argument("--store", required=True, metavar="PATH", help="spectrum store folder")
+    parser.add_argument("--out", required=True, metavar="FILE", help="output Parquet file")
+    add_catalog_arguments(parser)
+    parser.set_defaults(func=run_crossmatch)
+
+
+def run_crossmatch(args: argparse.Namespace) -> int:
+    """Cross-match and write; exit 2 on bad options or an unreadable catalog."""
+    from catalogbuilder.crossmatch.match import crossmatch
+    from catalogbuilder.release.tables import load_store_frames
+
+    try:
+        columns = catalog_columns(args.column)
+        spectra, _, _ = load_store_frames(args.store)
+        with cluster_or_local(args):
+            matches = crossmatch(spectra, args.catalog, args.radius, columns, margin_cache=args.margin_cache)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"crossmatch: {error}", file=sys.stderr)
+        return 2
+    matches.to_parquet(args.out, index=False)
+    print(f"{int(matches['gaia_matched'].sum())} of {len(matches)} spectra matched within {args.radius:g}\" -> {args.out}")
+    return 0
