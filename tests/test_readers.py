@@ -280,6 +280,15 @@ def test_truncated_files_are_rejected(shared_data: Path, tmp_path: Path, name: s
             read_spectra(path)
 
 
+@pytest.mark.filterwarnings("ignore:Error validating header")
+def test_file_cut_inside_a_header_is_rejected(shared_data: Path, tmp_path: Path) -> None:
+    with fits.open(shared_data / BOSS_FULL) as hdul:
+        header_start = hdul.fileinfo(5)["hdrLoc"]
+    (tmp_path / "cut.fits").write_bytes((shared_data / BOSS_FULL).read_bytes()[: header_start + 1000])
+    with pytest.raises(ReaderError, match="after the last complete HDU"):
+        read_spectra(tmp_path / "cut.fits")
+
+
 def test_truncated_gzip_and_garbage_are_rejected(shared_data: Path, tmp_path: Path) -> None:
     data = (shared_data / LAMOST_DR6).read_bytes()
     for cut in (len(data) // 2, len(data) - 10):  # the second cut keeps every FITS byte but loses the gzip trailer

@@ -129,12 +129,12 @@ def load_hdul(path: str | Path) -> fits.HDUList:
         hdul = fits.open(io.BytesIO(raw), mode="readonly", memmap=False, lazy_load_hdus=False)
     except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
         raise ReaderError(f"not a readable FITS file: {exc}") from exc
-    for index in range(len(hdul)):
-        info = hdul.fileinfo(index)
-        if info["datLoc"] + info["datSpan"] > len(raw):
-            raise ReaderError(
-                f"truncated FITS file: HDU {index} needs {info['datLoc'] + info['datSpan']} bytes, file has {len(raw)}"
-            )
+    last = hdul.fileinfo(len(hdul) - 1)  # HDUs are stored in sequence: the last one ends the file
+    end = last["datLoc"] + last["datSpan"]
+    if end > len(raw):
+        raise ReaderError(f"truncated FITS file: its headers need {end} bytes, it has {len(raw)}")
+    if raw[end:].strip(b"\0 "):
+        raise ReaderError(f"corrupt FITS file: {len(raw) - end} bytes after the last complete HDU (truncated header?)")
     return hdul
 
 
