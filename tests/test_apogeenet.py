@@ -193,3 +193,25 @@ def test_bad_flux_shape_is_a_clear_error(model_dirs):
         model.predict(np.ones((1, 4000), np.float32), None, draws=0)
     with pytest.raises(ValueError, match="errors"):
         model.predict(np.ones((1, APOGEE_NPIX), np.float32), None, draws=3)
+
+
+def test_net1_runs_through_the_dask_inference_stage_unchanged(model_dirs, shared_data, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from catalogbuilder.inference.graph import run_inference
+    from catalogbuilder.inference.results import ResultsStore
+    from catalogbuilder.store.spectra import SpectrumStore
+
+    root, digests = model_dirs
+    store_path = tmp_path / "store"
+    SpectrumStore.open(store_path).ingest(sorted((shared_data / "apogee").glob("apStar-*.fits")), progress=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            report = run_inference(client, store_path, root / "apogeenet1", draws=3, seed=1, progress=False)
+    assert report.n_spectra == 7  # 5 rows of the 3-visit star + 2 of the 1-visit star
+    rows = ResultsStore.for_store(store_path).read()
+    rows = rows[rows["model_name"] == "apogeenet1"]
+    assert len(rows) == 7 and set(rows["weights_sha256"]) == {digests["apogeenet1"]}
+    ok = rows[rows["status"] == "ok"]
+    assert len(ok) >= 6  # the all-zero second row of the 1-visit star may be judged degenerate, never lost
+    assert np.all(np.isfinite(ok[["teff", "logg", "fe_h", "raw_e_teff"]].to_numpy()))
