@@ -6,7 +6,8 @@ Rules (see docs/release.md for the reasoning behind each threshold):
   values and errors are then set to NaN and bits 0–8 are not evaluated (there is nothing to judge).
 * Bits 0–2: DR19 ranges on finite values; [Fe/H] is also unreliable when log10(teff) > 3.82 (the value is kept).
 * Bits 3–5: the raw Monte-Carlo error is not finite or not positive (no draws, or a degenerate network output).
-* Bits 6–8: the recommended error is above ``e_teff_fraction``·teff, ``e_logg_max`` or ``e_fe_h_max``.
+* Bits 6–8: the recommended error is above ``e_teff_fraction``·teff, ``e_logg_max`` or ``e_fe_h_max`` (a raw error
+  already flagged by bits 3–5 is not judged again; E_TEFF_LARGE needs teff > 0, otherwise bit 0 says it all).
 * Bit 9: no cross-match counterpart, or any band in ``required_bands`` missing (``missing_bands`` non-empty).
 * Bit 10: S/N below ``snr_min``, fewer than ``min_good_pixel_fraction`` of the grid pixels finite and positive, or a
   constant flux (degenerate input). Bits 9 and 10 are evaluated for every row, with or without a result.
@@ -54,15 +55,18 @@ class FlagThresholds:
 
 
 def spectrum_quality(flux: np.ndarray) -> pd.DataFrame:
-    """Per-spectrum input quality of a ``(spectrum, pixel)`` flux array on a model grid: ``good_pixel_fraction``
-    (finite and positive pixels, the ones preprocessing does not floor to 1e-6) and ``flux_constant`` (no variation
-    among the finite pixels, or none finite)."""
-    flux = np.asarray(flux, dtype=float)
+    """Per-spectrum input quality of a ``(spectrum, pixel)`` flux array on a model grid (numpy, or dask: computed
+    here): ``good_pixel_fraction`` (finite and positive pixels — the ones preprocessing does not floor to 1e-6) and
+    ``flux_constant`` (no variation among the finite pixels, or none finite)."""
+    import dask
+
     finite = np.isfinite(flux)
-    good_fraction = (finite & (flux > 0)).mean(axis=1) if flux.shape[1] else np.zeros(len(flux))
+    good_fraction = (finite & (flux > 0)).mean(axis=1)
     lowest = np.where(finite, flux, np.inf).min(axis=1)
     highest = np.where(finite, flux, -np.inf).max(axis=1)
-    return pd.DataFrame({"good_pixel_fraction": good_fraction, "flux_constant": ~(highest > lowest)})
+    good_fraction, lowest, highest = dask.compute(good_fraction, lowest, highest)
+    return pd.DataFrame({"good_pixel_fraction": np.asarray(good_fraction, dtype=float),
+                         "flux_constant": ~(np.asarray(highest) > np.asarray(lowest))})
 
 
 def _column(frame: pd.DataFrame, name: str, default: float | bool | str) -> pd.Series:
@@ -99,7 +103,7 @@ def result_flags(frame: pd.DataFrame, thresholds: FlagThresholds = FlagThreshold
         set_bit(ResultFlag.FE_H_UNRELIABLE, has_result & (~((-2.0 < fe_h) & (fe_h < 0.5)) | (log_teff > 3.82)))
 
         for label, unreliable, large, limit in (
-            ("teff", ResultFlag.E_TEFF_UNRELIABLE, ResultFlag.E_TEFF_LARGE, thresholds.e_teff_fraction * teff),
+            ("teff", ResultFlag.E_TEFF_UNRELIABLE, ResultFlag.E_TEFF_LARGE, np.where(teff > 0, thresholds.e_teff_fraction * teff, np.inf)),
             ("logg", ResultFlag.E_LOGG_UNRELIABLE, ResultFlag.E_LOGG_LARGE, thresholds.e_logg_max),
             ("fe_h", ResultFlag.E_FE_H_UNRELIABLE, ResultFlag.E_FE_H_LARGE, thresholds.e_fe_h_max),
         ):
@@ -145,8 +149,3 @@ def apply_flags(frame: pd.DataFrame, value_columns: list[str], thresholds: FlagT
     flagged["flag_warn"] = flag_warn(flags)
     flagged["flag_bad"] = flag_bad(flags)
     return flagged
-
-
-def decode_flags(flags: int) -> list[str]:
-    """Names of the bits set in one ``result_flags`` value."""
-    return [bit.name for bit in ResultFlag if int(flags) & int(bit)]

@@ -38,8 +38,9 @@ def summarize(tables: Sequence[ReleaseTable]) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def kiel_diagram(tables: Sequence[ReleaseTable], path: str | Path, title: str) -> Path:
-    """Teff–log g diagram of the given tables (both axes inverted), coloured by [Fe/H]; flag_bad rows grey."""
+def kiel_figure(tables: Sequence[ReleaseTable], title: str):  # noqa: ANN201 - a matplotlib Figure
+    """Teff–log g diagram of the given tables (both axes inverted, as astronomers plot them), coloured by [Fe/H]
+    on a fixed -2…0.5 dex scale (the DR19 reliable range); flag_bad rows grey, rows without values left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,15 +57,22 @@ def kiel_diagram(tables: Sequence[ReleaseTable], path: str | Path, title: str) -
     figure.colorbar(points, ax=axes, label="[Fe/H] (dex)")
     axes.set_xlabel("Teff (K)")
     axes.set_ylabel("log g (dex)")
-    if len(good) + len(bad):
-        axes.invert_xaxis()
-        axes.invert_yaxis()
-    else:
-        axes.set_xlim(8000, 3000)
-        axes.set_ylim(5.5, 0)
+    if not len(good) + len(bad):  # nothing to plot: a typical stellar range, so the empty frame still reads right
+        axes.set_xlim(3000, 8000)
+        axes.set_ylim(0, 5.5)
+    axes.invert_xaxis()
+    axes.invert_yaxis()
     axes.set_title(title)
     axes.legend(loc="upper left", fontsize="small")
     figure.tight_layout()
+    return figure
+
+
+def kiel_diagram(tables: Sequence[ReleaseTable], path: str | Path, title: str) -> Path:
+    """Save :func:`kiel_figure` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    figure = kiel_figure(tables, title)
     path = Path(path)
     figure.savefig(path)
     plt.close(figure)
