@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -106,9 +107,10 @@ class FeatureScaler:
     @classmethod
     def fit(cls, features: np.ndarray) -> "FeatureScaler":
         """Mean and std over the finite values of each column (std 1 where a column is constant or empty)."""
-        with np.errstate(invalid="ignore"):
-            mean = np.nanmean(np.where(np.isfinite(features), features, np.nan), axis=0)
-            std = np.nanstd(np.where(np.isfinite(features), features, np.nan), axis=0)
+        finite = np.where(np.isfinite(features), features, np.nan)
+        with warnings.catch_warnings():  # all-NaN columns are expected (e.g. GSP-Phot absent) and handled below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, std = np.nanmean(finite, axis=0), np.nanstd(finite, axis=0)
         mean = np.where(np.isfinite(mean), mean, 0.0)
         std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
         return cls(mean=mean, std=std)
