@@ -184,7 +184,8 @@ def test_dask_ingest_equals_serial_ingest(shared_data: Path, tmp_path: Path) -> 
     serial = SpectrumStore.open(tmp_path / "serial")
     serial.ingest(files, progress=False)
     parallel = SpectrumStore.open(tmp_path / "dask")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    # threads keep the test fast; bench/ingest.py and the CLI run the same code on worker processes
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
         report = parallel.ingest(files, client=client, progress=False, batch_size=3)
     assert report.added == {"apogee": 7, "optical": 8} and len(report.rejected) == 1
     for grid in ("apogee", "optical"):
