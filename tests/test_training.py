@@ -1,0 +1,298 @@
+"""Training stage: KDE weights, label joins, splits by star, masked loss, the training loop, the official-format output,
+the ``catalogbuilder train`` command and the emulator-based synthetic apStar spectra — on real spectra and labels."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from catalogbuilder.cli import main as cli_main
+from catalogbuilder.constants import APOGEE_NPIX
+from catalogbuilder.models.bossnet import BossNet, BossNetConfig
+from catalogbuilder.models.registry import load_model
+from catalogbuilder.readers import read_spectra
+from catalogbuilder.store.resample import to_model_grid
+from catalogbuilder.training import data as tdata
+from catalogbuilder.training.kde import kde_weights, scale_to_mean_one
+from catalogbuilder.training.train import (
+    Batch,
+    SpectraBatches,
+    fit,
+    masked_weighted_mse,
+    predict_labels,
+    train_bossnet,
+    write_model_dir,
+)
+
+SAMPLE_DR1 = Path(__file__).resolve().parents[1] / "catalogbuilder" / "data" / "sample" / "lamost" / "dr1"
+LASP_COLUMNS = {"teff": "teff", "logg": "logg", "fe_h": "feh", "rv": "rv"}
+TINY_OPTICAL = BossNetConfig(model_dim=2, dim_mults=(1, 2), kernel_size=9, num_targets=4, adapt_pool_output_dim=8,
+                             num_linear=1, linear_dim=16, pos_enc=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _labelled_spectra(files: list[Path], labels_csv: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """flux, error on the optical grid, per-spectrum coordinates and LASP labels joined on file name."""
+    spectra = [read_spectra(path)[0] for path in files]
+    grids = [to_model_grid(spectrum) for spectrum in spectra]
+    coords = pd.DataFrame({"source_id": [s.object_id for s in spectra], "file_path": [str(p) for p in files]})
+    labels = tdata.join_labels(coords, tdata.read_label_table(labels_csv), LASP_COLUMNS, join_on="file")
+    return np.stack([g[0] for g in grids]), np.stack([g[1] for g in grids]), coords, labels
+
+
+@pytest.fixture(scope="module")
+def sample_set() -> tuple[np.ndarray, np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """The 8 shipped LAMOST DR1 sample spectra with their LASP labels (no ../shared needed)."""
+    return _labelled_spectra(sorted(SAMPLE_DR1.glob("spec-*.fits")), SAMPLE_DR1 / "lasp_labels.csv")
+
+
+@pytest.fixture(scope="module")
+def dr1_set(shared_data: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """40 labelled LAMOST DR1 spectra of the development data."""
+    folder = shared_data / "lamost" / "dr1_learninglamost"
+    table = pd.read_csv(folder / "my_data3_lasp_labels.csv")
+    names = sorted(set(table["filename"]) & {path.name for path in folder.glob("spec-*.fits")})[:40]
+    return _labelled_spectra([folder / name for name in names], folder / "my_data3_lasp_labels.csv")
+
+
+# --- KDE weights ------------------------------------------------------------------------------------------------
+
+
+def test_kde_weights_mean_one_and_capped_on_real_labels(shared_data: Path) -> None:
+    table = pd.read_csv(shared_data / "lamost" / "dr1_learninglamost" / "my_data3_lasp_labels.csv")
+    weights = kde_weights(table["teff"].to_numpy(), table["logg"].to_numpy())
+    assert weights.shape == (len(table),)
+    assert weights.mean() == pytest.approx(1.0, abs=1e-9)
+    assert weights.max() <= 5.0 + 1e-12 and weights.min() > 0
+    # the cap binds on this real Kiel diagram (isolated hot and giant stars) and the rarest star weighs most
+    assert np.isclose(weights.max(), 5.0)
+    dense = np.argmin(np.abs(table["teff"] - table["teff"].median()) + np.abs(table["logg"] - table["logg"].median()))
+    assert weights[dense] < 1.0
+
+
+def test_kde_weights_missing_labels_and_degenerate_input() -> None:
+    teff = np.array([5000.0, 5100, 5200, np.nan, 6500, 4000])
+    logg = np.array([4.5, 4.4, 4.6, 4.0, 2.0, np.nan])
+    weights = kde_weights(teff, logg)
+    assert weights[3] == 1.0 and weights[5] == 1.0
+    assert weights.mean() == pytest.approx(1.0) and weights.max() <= 5.0
+    assert np.all(kde_weights(np.array([5000.0, 5000.0]), np.array([4.0, 4.0])) == 1.0)
+    collinear = kde_weights(np.array([4000.0, 5000, 6000, 7000]), np.array([1.0, 2, 3, 4]))
+    assert np.all(collinear == 1.0)
+
+
+def test_scale_to_mean_one_water_fills_under_the_cap() -> None:
+    raw = np.array([1.0] * 9 + [1000.0])
+    weights = scale_to_mean_one(raw, cap=5.0)
+    assert weights.mean() == pytest.approx(1.0) and weights[-1] == pytest.approx(5.0)
+    assert np.allclose(weights[:9], 5.0 / 9.0)  # the rest share the remaining mass in their original ratios
+    with pytest.raises(ValueError):
+        scale_to_mean_one(raw, cap=0.5)
+
+
+# --- label joins, targets, stats, splits --------------------------------------------------------------------------
+
+
+def test_join_on_file_name_matches_lasp_labels(sample_set) -> None:
+    _, _, coords, labels = sample_set
+    assert labels["matched"].all() and len(labels) == 8
+    table = pd.read_csv(SAMPLE_DR1 / "lasp_labels.csv").set_index("filename")
+    for path, teff in zip(coords["file_path"], labels["teff"]):
+        assert teff == table.loc[Path(path).name, "teff"]
+    gz = coords.assign(file_path=coords["file_path"] + ".gz")  # compressed copies still find their label row
+    joined = tdata.join_labels(gz, tdata.read_label_table(SAMPLE_DR1 / "lasp_labels.csv"), LASP_COLUMNS, "file")
+    assert joined["matched"].all()
+
+
+def test_join_on_source_id_with_missing_values_and_duplicates(tmp_path: Path) -> None:
+    spectra = pd.DataFrame({"source_id": ["2M1", "2M1", "2M2", "2M9"], "file_path": ["a", "b", "c", "d"]})
+    table_path = tmp_path / "labels.csv"
+    pd.DataFrame({"APOGEE_ID": ["2M1", "2M2"], "TEFF": [4800.0, 5100.0], "FE_H": [-9999.0, 0.1]}).to_csv(table_path)
+    joined = tdata.join_labels(spectra, tdata.read_label_table(table_path), {"teff": "TEFF", "fe_h": "FE_H"},
+                               "source_id", key_column="APOGEE_ID")
+    assert joined["matched"].tolist() == [True, True, True, False]
+    assert joined["teff"].tolist()[:3] == [4800.0, 4800.0, 5100.0]
+    assert np.isnan(joined.loc[0, "fe_h"]) and np.isnan(joined.loc[3, "teff"]) and joined["logg"].isna().all()
+    with pytest.raises(KeyError, match="NOPE"):
+        tdata.join_labels(spectra, tdata.read_label_table(table_path), {"teff": "NOPE"}, key_column="APOGEE_ID")
+    pd.DataFrame({"APOGEE_ID": ["2M1", "2M1"], "TEFF": [1.0, 2.0]}).to_csv(table_path)
+    with pytest.raises(ValueError, match="appear twice"):
+        tdata.join_labels(spectra, tdata.read_label_table(table_path), {"teff": "TEFF"}, key_column="APOGEE_ID")
+
+
+def test_parse_label_columns() -> None:
+    assert tdata.parse_label_columns("teff=TEFF, logg=LOGG,fe_h=FEH") == {"teff": "TEFF", "logg": "LOGG", "fe_h": "FEH"}
+    for bad in ("teff", "mass=M", ""):
+        with pytest.raises(ValueError):
+            tdata.parse_label_columns(bad)
+
+
+def test_targets_in_model_order_and_stats_yaml(sample_set, tmp_path: Path) -> None:
+    labels = sample_set[3]
+    targets = tdata.labels_to_targets(labels, tdata.bossnet_targets(4))
+    assert np.allclose(targets[:, 0], labels["logg"]) and np.allclose(targets[:, 1], np.log10(labels["teff"]))
+    assert np.allclose(targets[:, 2], labels["fe_h"]) and np.allclose(targets[:, 3], labels["rv"])
+    stats = tdata.fit_stats(targets, tdata.bossnet_targets(4))
+    z = tdata.standardise(targets, tdata.bossnet_targets(4), stats)
+    assert np.allclose(z.mean(axis=0), 0, atol=1e-12) and np.allclose(z.std(axis=0), 1)
+    tdata.write_stats_yaml(tmp_path / "stats.yaml", stats)
+    assert yaml.safe_load((tmp_path / "stats.yaml").read_text())["logTeff"]["MEAN"] == pytest.approx(stats["logTeff"][0])
+
+
+def test_split_by_star_keeps_each_star_in_one_split() -> None:
+    ids = np.repeat([f"2M{i:03d}" for i in range(50)], np.arange(50) % 4 + 1)  # 1-4 visits per star
+    train, val, test = tdata.split_by_star(ids, seed=3)
+    assert len(train) + len(val) + len(test) == len(ids)
+    stars = [set(ids[part]) for part in (train, val, test)]
+    assert not (stars[0] & stars[1]) and not (stars[0] & stars[2]) and not (stars[1] & stars[2])
+    assert [len(s) for s in stars] == [40, 5, 5]
+    assert np.array_equal(tdata.split_by_star(ids, seed=3)[2], test)
+    folds = tdata.kfold_by_star(ids, 5, seed=1)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(ids)))
+    assert all(not (set(ids[a]) & set(ids[b])) for i, a in enumerate(folds) for b in folds[i + 1:])
+
+
+# --- loss, loop, output format ------------------------------------------------------------------------------------
+
+
+def test_nan_labels_are_masked_out_of_the_loss() -> None:
+    prediction = torch.tensor([[0.5, 1.0], [2.0, -1.0]], requires_grad=True)
+    target = torch.tensor([[0.0, float("nan")], [1.0, 0.0]])
+    loss = masked_weighted_mse(prediction, target, torch.tensor([1.0, 2.0]))
+    assert float(loss.detach()) == pytest.approx((0.25 + 2 * (1.0 + 1.0)) / 3)
+    loss.backward()
+    assert prediction.grad[0, 1] == 0.0 and prediction.grad[0, 0] != 0.0
+    empty = masked_weighted_mse(prediction, torch.full((2, 2), float("nan")), torch.ones(2))
+    assert float(empty.detach()) == 0.0
+
+
+def test_training_lowers_validation_loss_and_is_reproducible(dr1_set) -> None:
+    flux, error, coords, labels = dr1_set
+    runs = [train_bossnet(flux, error, coords["source_id"], labels, TINY_OPTICAL, epochs=6, seed=5, batch_size=8,
+                          samples_per_epoch=96, learning_rate=5e-3, progress=False) for _ in range(2)]
+    history = runs[0].history
+    assert history.best_val_loss < history.initial_val_loss
+    assert np.isfinite(history.train_loss[1:]).all()
+    assert history.val_loss == runs[1].history.val_loss
+    for key, value in runs[0].model.state_dict().items():
+        assert torch.equal(value, runs[1].model.state_dict()[key]), key
+    stars = [set(coords["source_id"].to_numpy(str)[rows]) for rows in runs[0].split.values()]
+    assert not (stars[0] & stars[1]) and not (stars[0] & stars[2])
+    assert set(runs[0].test_metrics) == {"teff", "logg", "fe_h", "rv"}
+
+
+def test_spectra_batches_augment_with_error_scaled_noise(sample_set) -> None:
+    flux, error, _, labels = sample_set
+    targets = tdata.labels_to_targets(labels, tdata.bossnet_targets(4))
+    provider = SpectraBatches(flux, error, targets, np.ones(len(flux)), batch_size=3, seed=1)
+    clean = torch.cat([batch.inputs[0] for batch in provider.batches(epoch=0, augment=False)])
+    noisy = [torch.cat([b.inputs[0] for b in provider.batches(epoch=e, augment=True)]) for e in (1, 1, 2)]
+    assert clean.shape == (8, flux.shape[1]) and torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])
+    assert not torch.equal(torch.sort(noisy[0], dim=0).values, torch.sort(clean, dim=0).values)
+
+
+def test_weights_round_trip_through_official_format(sample_set, tmp_path: Path) -> None:
+    flux, error, coords, labels = sample_set
+    trained = train_bossnet(flux, error, coords["source_id"], labels, TINY_OPTICAL, epochs=1, seed=0, batch_size=4,
+                            progress=False)
+    sha = write_model_dir(trained, tmp_path / "m", "optical", "tiny-test", "unit test", {"teff": (3900, 9500)})
+    assert sorted(p.name for p in (tmp_path / "m").glob("model_chunk_*")) == [f"model_chunk_{i}" for i in range(10)]
+    model = load_model(tmp_path / "m")
+    assert model.weights_sha256 == sha and model.grid == "optical" and model.name == "tiny-test"
+    loaded = model.predict(flux, error, draws=0)
+    direct = predict_labels(trained.model, flux, trained.targets, trained.stats)
+    for name in ("teff", "logg", "fe_h", "rv"):
+        np.testing.assert_allclose(loaded[name], direct[name], rtol=1e-6)
+    info = yaml.safe_load((tmp_path / "m" / "catalogbuilder.yaml").read_text())
+    assert info["family"] == "bossnet" and info["domain"] == {"teff": [3900.0, 9500.0]}
+    assert info["training"]["weights_sha256"] == sha
+
+
+def test_fit_is_generic_over_model_and_batch_provider() -> None:
+    """A non-spectral model (a linear map of 3 features) trains through the same loop."""
+
+    class Features:
+        def __init__(self, seed: int) -> None:
+            generator = torch.Generator().manual_seed(seed)
+            self.x = torch.randn(64, 3, generator=generator)
+            self.y = self.x @ torch.tensor([[1.0], [-2.0], [0.5]])
+
+        def batches(self, epoch: int, augment: bool):
+            for start in range(0, 64, 16):
+                yield Batch((self.x[start:start + 16],), self.y[start:start + 16], torch.ones(16))
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    history = fit(model, Features(1), Features(2), epochs=30, patience=5, learning_rate=0.05, progress=False)
+    assert history.best_val_loss < 0.1 * history.initial_val_loss
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def test_train_command_end_to_end(tmp_path: Path, capsys) -> None:
+    from catalogbuilder.store.spectra import SpectrumStore
+
+    store = SpectrumStore.open(tmp_path / "store")
+    store.ingest(sorted(SAMPLE_DR1.glob("spec-*.fits")), progress=False)
+    config = tmp_path / "model_args.yaml"
+    TINY_OPTICAL.to_yaml(config)
+    out = tmp_path / "model"
+    status = cli_main(["train", "--store", str(tmp_path / "store"), "--labels", str(SAMPLE_DR1 / "lasp_labels.csv"),
+                       "--config", str(config), "--out", str(out), "--label-columns", "teff=teff,logg=logg,fe_h=feh,rv=rv",
+                       "--join-on", "file", "--epochs", "2", "--seed", "1", "--batch-size", "4", "--no-progress"])
+    assert status == 0
+    assert "weights_sha256" in capsys.readouterr().out
+    for name in ("model_args.yaml", "stats.yaml", "catalogbuilder.yaml", "training_report/loss_curves.png",
+                 "training_report/report.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "training_report" / "report.json").read_text())
+    assert report["provenance"]["spectra_matched"] == 8 and report["provenance"]["join_on"] == "file"
+    assert set(yaml.safe_load((out / "stats.yaml").read_text())) == {"logg", "logTeff", "FeH", "rv"}
+    assert load_model(out).outputs == ("teff", "logg", "fe_h", "rv")
+    common = ["train", "--store", str(tmp_path / "store"), "--labels", str(SAMPLE_DR1 / "lasp_labels.csv"),
+              "--config", str(config), "--out", str(tmp_path / "x"), "--epochs", "1", "--no-progress"]
+    assert cli_main([*common, "--join-on", "source_id", "--label-key", "obsid",
+                     "--label-columns", "teff=teff,logg=logg,fe_h=feh,rv=rv"]) == 2
+    assert "no spectrum" in capsys.readouterr().err
+    assert cli_main([*common, "--join-on", "file"]) == 2  # default columns TEFF/LOGG/FE_H are not in this table
+    assert "label column 'TEFF' not in the table" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+# --- synthetic apStar spectra from the Payne emulator ----------------------------------------------------------
+
+
+def test_synthetic_apstar_spectra_look_like_real_ones(shared_data: Path) -> None:
+    from catalogbuilder.training import synthetic
+
+    emulator = synthetic.PayneEmulator.from_npz(shared_data / "weights" / "binspec_payne" / "NN_normalized_spectra.npz")
+    continuum_pixels = np.load(shared_data / "grids" / "cannon_cont_pixels_apogee.npz")["pixels_cannon"]
+    real = shared_data / "apogee" / "apStar-dr17-2M19485057+5005279.fits"
+    templates = synthetic.templates_from_apstar([real], continuum_pixels)
+    assert [t.source for t in templates] == ["apStar-dr17-2M19485057+5005279.fits[0]"]  # row 1 is all zero
+    # the emulator at the star's published labels matches its continuum-normalised spectrum to a few per cent
+    from astropy.io import fits
+
+    flux = np.nan_to_num(fits.getdata(real, 1)[0])
+    normalised = flux[synthetic.payne_pixels()] / templates[0].continuum[synthetic.payne_pixels()]
+    model = emulator.normalized_flux(np.array([[4850.0, 4.6, -0.3, 0.0, 5.0]]))[0]
+    assert np.sqrt(np.mean((normalised - model) ** 2)) < 0.05
+    spectra = synthetic.generate(emulator, templates, 6, seed=2)
+    assert spectra.flux.shape == spectra.error.shape == (6, APOGEE_NPIX)
+    no_data = templates[0].continuum == 0
+    assert np.all(spectra.flux[:, no_data] == 0) and np.all(spectra.error[:, no_data] == 0)
+    assert np.all(spectra.error[:, ~no_data] > 0)
+    assert np.all((spectra.labels >= emulator.x_min) & (spectra.labels <= emulator.x_max))
+    assert np.array_equal(synthetic.generate(emulator, templates, 6, seed=2).flux, spectra.flux)
+    measured_snr = np.median(np.median(spectra.flux[:, ~no_data], axis=1)[:, None] / spectra.error[:, ~no_data], axis=1)
+    np.testing.assert_allclose(measured_snr, spectra.snr, rtol=0.3)
