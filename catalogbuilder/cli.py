@@ -13,6 +13,7 @@ from catalogbuilder import __version__
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "catalogbuilder.store.cli",
     "catalogbuilder.inference.cli",
+    "catalogbuilder.training.cli",
     "catalogbuilder.photometric.cli",
     "catalogbuilder.crossmatch.cli",
     "catalogbuilder.release.cli",
