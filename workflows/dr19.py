@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dask
 import yaml
 from distributed import Client
 
@@ -169,7 +170,11 @@ def run_workflow(client: Client, config: WorkflowConfig) -> WorkflowResult:
     only), then cross-match, calibrate, flag and write the release tables from everything in the store."""
     check_models(config)
     store = SpectrumStore.open(config.store)
-    ingest = store.ingest(expand_inputs(config.inputs), survey=config.survey, client=client, progress=config.progress)
+    # Adaptor: ingest reads the store's ledger as lazy dask arrays of a writable icechunk session, which the default
+    # distributed client cannot pickle; the synchronous scheduler reads them here. Reading and resampling the files
+    # still runs on ``client``, which ingest is given explicitly.
+    with dask.config.set(scheduler="synchronous"):
+        ingest = store.ingest(expand_inputs(config.inputs), survey=config.survey, client=client, progress=config.progress)
     log.info("ingest: %s", ingest.summary())
     reports = []
     for grid, names in config.models.items():
