@@ -30,6 +30,7 @@ from catalogbuilder.submit import import_workflow
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "catalogbuilder" / "data" / "sample"
 SAMPLE_FOLDERS = ("apogee", "boss", "lamost/dr1", "lamost/dr6_dr7")
+SHIPPED_CATALOG = REPO_ROOT / "catalogbuilder" / "data" / "catalogs" / "astronn_gaiadr2_apogeedr14_near_sample.ecsv"
 TEST_DRAWS = 4
 TIMESTAMP_COLUMNS = ["created"]  # the only columns allowed to differ between runs of the same inputs and seed
 
@@ -73,7 +74,7 @@ def write_config(folder: Path, inputs: list[str], models: dict[str, list[str]], 
     """A workflow YAML in ``folder`` that writes ``folder/store`` and ``folder/out``."""
     folder.mkdir(parents=True, exist_ok=True)
     document = {"inputs": inputs, "store": str(folder / "store"), "output": str(folder / "out"), "models": models,
-                "draws": TEST_DRAWS, "seed": 0, **extra}
+                "draws": TEST_DRAWS, "seed": 0, "catalogs": [str(SHIPPED_CATALOG)], **extra}
     path = folder / "workflow.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
@@ -163,6 +164,9 @@ def test_flags_are_consistent_with_values(full_run: tuple[Path, Any]) -> None:
         assert np.array_equal(unreliable, ~positive.to_numpy())
     assert (result["n_draws"] == TEST_DRAWS).all()
     assert np.array_equal(has(ResultFlag.MISSING_PHOTOMETRY), (rows["missing_bands"] != "").to_numpy())
+    apogee_stars = rows.loc[(rows["survey"] == "apogee") & (rows["kind"] == "combined")]
+    assert (apogee_stars["xmatch_catalog"] == SHIPPED_CATALOG.name).all(), "the shipped catalog covers the APOGEE sample"
+    assert (apogee_stars["gaia_sep_arcsec"] < 1.0).all() and np.isfinite(apogee_stars["parallax"]).all()
 
 
 def test_rerun_with_the_same_seed_gives_identical_tables(
