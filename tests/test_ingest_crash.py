@@ -6,6 +6,7 @@ second kills it after a random delay; the third runs two writers at the same tim
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import signal
@@ -73,6 +74,7 @@ def assert_same_state(a: dict[str, object], b: dict[str, object]) -> None:
 
 
 def chunk_objects(path: Path) -> int:
+    """Chunk objects on disk (committed or not)."""
     return sum(1 for _ in (path / "chunks").iterdir())
 
 
@@ -119,6 +121,11 @@ def test_kill_mid_append_leaves_the_store_as_before(before, files) -> None:
     assert child.returncode == -signal.SIGKILL
     assert chunk_objects(store.path) > objects_before  # the child really wrote data chunks before it died
     reopened = SpectrumStore.open(store.path)
+    assert reopened.check() == []
+    assert_same_state(snapshot_state(reopened), state)
+    # what the killed ingest wrote is garbage no snapshot refers to: gc removes exactly that
+    removed = reopened.garbage_collect(older_than=datetime.timedelta(0))
+    assert removed["chunks_deleted"] > 0 and chunk_objects(store.path) == objects_before
     assert reopened.check() == []
     assert_same_state(snapshot_state(reopened), state)
     resume_and_check(reopened, files)

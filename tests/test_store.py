@@ -254,5 +254,8 @@ def test_cli_ingest_and_info(shared_data: Path, tmp_path: Path, capsys: pytest.C
     assert main(["store", "info", str(store)]) == 0
     out = capsys.readouterr().out
     assert "apogee/combined" in out and "total             3 spectra from 2 files; 1 rejected files" in out
+    assert main(["store", "check", str(store)]) == 0 and "consistent" in capsys.readouterr().out
+    assert main(["store", "gc", str(store), "--hours", "0", "--dry-run"]) == 0
+    assert "would delete 0 chunks" in capsys.readouterr().out  # both ingests committed: nothing is garbage
     assert main(["ingest", "--store", str(tmp_path / "bad.fits"), "--no-progress", str(shared_data / LAMOST_DR7)]) == 2
     assert "cannot open spectrum store" in capsys.readouterr().err

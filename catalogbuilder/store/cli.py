@@ -45,6 +45,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="print the counts as JSON")
     info.add_argument("--rejects", action="store_true", help="also list every rejected file with its reason")
     info.set_defaults(func=run_info)
+    check = store_commands.add_parser("check", help="verify the store is consistent (exit 1 listing problems if not)")
+    check.add_argument("path", help="store folder")
+    check.set_defaults(func=run_check)
+    gc = store_commands.add_parser(
+        "gc", help="delete data left by killed or conflicting ingests (only when no ingest older than --hours is running)"
+    )
+    gc.add_argument("path", help="store folder")
+    gc.add_argument("--hours", type=float, default=24 * 7, help="only delete objects older than this (default: 168)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
+    gc.set_defaults(func=run_gc)
 
 
 def _wants_cluster(args: argparse.Namespace, n_files: int) -> bool:
@@ -92,19 +102,49 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_info(args: argparse.Namespace) -> int:
-    """Print the store's counts (text or JSON)."""
+def _open_existing(args: argparse.Namespace) -> Any:
+    """The store at ``args.path`` (never created here), or None after printing why not."""
     from pathlib import Path
 
     from catalogbuilder.store import SpectrumStore, StoreError
 
     if not Path(args.path).is_dir():
-        print(f"catalogbuilder store info: no store at {args.path}", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"catalogbuilder store {args.store_command}: no store at {args.path}", file=sys.stderr)
+        return None
     try:
-        store = SpectrumStore.open(args.path)
+        return SpectrumStore.open(args.path)
     except StoreError as error:
-        print(f"catalogbuilder store info: {error}", file=sys.stderr)
+        print(f"catalogbuilder store {args.store_command}: {error}", file=sys.stderr)
+        return None
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Exit 0 when the latest snapshot is consistent, 1 (listing the problems) when not."""
+    store = _open_existing(args)
+    if store is None:
+        return EXIT_FAILED
+    problems = store.check()
+    print("\n".join(problems) if problems else f"{store.path}: consistent (snapshot {store.snapshot_id})")
+    return 1 if problems else 0
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    """Garbage-collect unreferenced objects older than ``--hours``."""
+    import datetime
+
+    store = _open_existing(args)
+    if store is None:
+        return EXIT_FAILED
+    summary = store.garbage_collect(datetime.timedelta(hours=args.hours), dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{store.path}: {verb} " + ", ".join(f"{value} {key.removesuffix('_deleted')}" for key, value in summary.items()))
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Print the store's counts (text or JSON)."""
+    store = _open_existing(args)
+    if store is None:
         return EXIT_FAILED
     info = store.info()
     print(json.dumps(info, indent=2) if args.json else format_info(info))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import logging
 import os
@@ -338,6 +339,17 @@ class SpectrumStore:
         return ingest_files(
             self, files, survey=survey, client=client, progress=progress, batch_size=batch_size, max_attempts=max_attempts
         )
+
+    def garbage_collect(self, older_than: datetime.timedelta = datetime.timedelta(days=7), dry_run: bool = False) -> dict[str, int]:
+        """Delete objects no commit refers to (left by killed or conflicting ingests) that are older than
+        ``older_than``; returns counts of what was (or, with ``dry_run``, would be) deleted. Every snapshot stays
+        readable. Chunks of an ingest still running are unreferenced too: keep ``older_than`` above the longest
+        ingest, or run it when no ingest is running."""
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - older_than
+        with self.commit_lock():
+            summary = self.repository.garbage_collect(cutoff, dry_run=dry_run)
+        fields = ("chunks_deleted", "manifests_deleted", "snapshots_deleted", "attributes_deleted", "transaction_logs_deleted", "bytes_deleted")
+        return {field: int(getattr(summary, field)) for field in fields}
 
     @contextlib.contextmanager
     def commit_lock(self) -> Iterator[None]:

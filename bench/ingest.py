@@ -1,0 +1,151 @@
+"""Ingest throughput and memory: ``SpectrumStore.ingest`` vs bare astropy reading of the same files, at N and 4N files.
+
+Builds 4N distinct files (real spectra from ../shared/data, each copy with one extra header card so its bytes and
+checksum differ), then runs every measurement in a fresh subprocess (so its peak RSS is its own):
+
+* ``astropy``: ``fits.open(memmap=False)`` and every HDU's data, serially — the floor any reader pays;
+* ``serial``: ``SpectrumStore.ingest`` without a client (read, resample, write, commit in one process);
+* ``dask``: ``SpectrumStore.ingest`` with a local cluster of ``--workers`` processes (cluster start-up not timed).
+
+Prints spectra/s, ingest/astropy ratios and the peak RSS at N and 4N files (flat = batching works; for ``dask``
+the client's and the largest worker's). Run: ``python bench/ingest.py --n 32 --workers 2``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CATALOGBUILDER_SHARED", REPO.parent / "shared")) / "data"
+SOURCES = (
+    "apogee/apStar-dr17-2M17335483-2753043.fits",
+    "apogee/apStar-dr17-2M19485057+5005279.fits",
+    "boss/spec-3586-55181-0500.fits",
+    "boss/spec-0266-51602-0031.fits",
+    "lamost/laspec/spec-58397-EG014118N254444M01_sp03-031.fits",
+    "lamost/laspec/spec-57287-KP193637N444141V03_sp10-161.fits.gz",
+    "lamost/dr1_learninglamost/spec-55862-B6212_sp06-072.fits",
+    "lamost/dr1_learninglamost/spec-55862-B6212_sp06-107.fits",
+)
+
+
+def make_copies(folder: Path, count: int) -> list[Path]:
+    """``count`` valid FITS files cycling over SOURCES, each with a distinct ``CBBENCH`` primary-header card."""
+    from astropy.io import fits
+
+    paths = []
+    for index, source in zip(range(count), itertools.cycle(SOURCES)):
+        suffix = ".fits.gz" if source.endswith(".gz") else ".fits"
+        target = folder / f"copy-{index:05d}-{Path(source).name.split('.')[0]}{suffix}"
+        with fits.open(SHARED_DATA / source) as hdul:
+            hdul[0].header["CBBENCH"] = (index, "benchmark copy with distinct bytes")
+            hdul.writeto(target)
+        paths.append(target)
+    return paths
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(mode: str, list_file: Path, store: Path, workers: int) -> dict[str, float]:
+    """One measurement in this (fresh) process; returns seconds, spectra and peak RSS."""
+    import torch
+
+    torch.set_num_threads(1)
+    paths = list_file.read_text().split()
+    if mode == "astropy":
+        from astropy.io import fits
+
+        start = time.perf_counter()
+        for path in paths:
+            with fits.open(path, memmap=False) as hdul:
+                for hdu in hdul:
+                    _ = hdu.data
+        return {"seconds": time.perf_counter() - start, "client_rss_mb": peak_rss_mb()}
+
+    from catalogbuilder.store import SpectrumStore
+
+    store_obj = SpectrumStore.open(store)
+    if mode == "serial":
+        __import__("catalogbuilder.constants").constants.optical_wavelength()  # same start-up as the workers'
+        start = time.perf_counter()
+        report = store_obj.ingest(paths, progress=False)
+        seconds = time.perf_counter() - start
+        worker_rss = 0.0
+    else:
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            with Client(cluster) as client:
+                # worker start-up (imports, torch for the optical grid) is not throughput: do it before the clock
+                client.run(lambda: __import__("catalogbuilder.constants").constants.optical_wavelength())
+                client.run(lambda: __import__("catalogbuilder.store.ingest"))
+                start = time.perf_counter()
+                report = store_obj.ingest(paths, client=client, progress=False)
+                seconds = time.perf_counter() - start
+                worker_rss = max(client.run(peak_rss_mb).values())
+    assert not report.rejected, report.rejected
+    return {"seconds": seconds, "spectra": report.spectra_added, "client_rss_mb": peak_rss_mb(), "worker_rss_mb": worker_rss}
+
+
+def measure(mode: str, paths: list[Path], scratch: Path, workers: int) -> dict[str, float]:
+    """Run ``child(mode)`` in a subprocess on ``paths`` and return its JSON result."""
+    list_file = scratch / f"{mode}-{len(paths)}.txt"
+    list_file.write_text("\n".join(map(str, paths)))
+    store = scratch / f"store-{mode}-{len(paths)}"
+    command = [sys.executable, __file__, "--child", mode, str(list_file), str(store), "--workers", str(workers)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{mode} on {len(paths)} files failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=32, help="N: files of the small run; the large run has 4N")
+    parser.add_argument("--workers", type=int, default=2, help="Dask worker processes (1 thread each)")
+    parser.add_argument("--modes", default="astropy,serial,dask", help="comma-separated subset of astropy,serial,dask")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "LIST", "STORE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        mode, list_file, store = args.child
+        print(json.dumps(child(mode, Path(list_file), Path(store), args.workers)))
+        return
+    if not SHARED_DATA.is_dir():
+        sys.exit(f"needs the shared data folder at {SHARED_DATA}")
+    modes = args.modes.split(",")
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        scratch = Path(tmp)
+        (scratch / "files").mkdir()
+        copies = make_copies(scratch / "files", 4 * args.n)
+        size_mb = sum(p.stat().st_size for p in copies) / 1e6
+        print(f"{4 * args.n} distinct files ({size_mb:.0f} MB) from {len(SOURCES)} real spectra files; {os.cpu_count()} cores")
+        results = {(mode, n): measure(mode, copies[:n], scratch, args.workers) for n in (args.n, 4 * args.n) for mode in modes}
+    spectra = {n: next(r["spectra"] for (m, k), r in results.items() if k == n and "spectra" in r) for n in (args.n, 4 * args.n)}
+    print(f"{'mode':8s} {'files':>6s} {'spectra':>8s} {'seconds':>8s} {'spectra/s':>10s} {'vs astropy':>10s} {'client MB':>10s} {'worker MB':>10s}")
+    for (mode, n), result in results.items():
+        rate = spectra[n] / result["seconds"]
+        base = results.get(("astropy", n))
+        ratio = f"{base['seconds'] / result['seconds']:.2f}x" if base else "-"
+        worker = f"{result.get('worker_rss_mb', 0):.0f}" if result.get("worker_rss_mb") else "-"
+        print(f"{mode:8s} {n:6d} {spectra[n]:8d} {result['seconds']:8.2f} {rate:10.1f} {ratio:>10s} {result['client_rss_mb']:10.0f} {worker:>10s}")
+    for mode in modes:
+        small, large = results[(mode, args.n)], results[(mode, 4 * args.n)]
+        line = f"peak RSS 4N/N {mode}: client {large['client_rss_mb'] / small['client_rss_mb']:.2f}"
+        if small.get("worker_rss_mb"):
+            line += f", worker {large['worker_rss_mb'] / small['worker_rss_mb']:.2f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
