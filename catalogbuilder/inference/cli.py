@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``infer`` sub-command."""
-    from catalogbuilder.inference.graph import DEFAULT_BATCH_SIZE, DEFAULT_RETRIES, DEVICES
+    from catalogbuilder.inference.graph import CPU_MAX_BATCH, DEFAULT_BATCH_SIZE, DEFAULT_RETRIES, DEVICES
 
     parser = subparsers.add_parser(
         "infer",
@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--spectra-per-task", type=int, default=None, help="spectra per Dask task (default: the store's chunks)"
     )
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where workers run the model")
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help=f"rows per forward pass (default: {CPU_MAX_BATCH} on CPU, 512 on GPU)"
+    )
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="extra attempts of a failed task")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cluster_arguments(parser)
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             spectra_per_task=args.spectra_per_task,
             device=args.device,
+            max_batch=args.max_batch,
             retries=args.retries,
             progress=not args.no_progress,
         )
