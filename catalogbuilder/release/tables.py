@@ -88,6 +88,7 @@ RELEASE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("software_version", "", "catalogbuilder version that computed the row"),
     ("created", "", "UTC time the result was computed (ISO 8601)"),
 )
+NON_FITS_UNITS: frozenset[str] = frozenset({"dex"})  # the FITS standard has no "dex"; astropy warns on reading it
 RV_COLUMNS: frozenset[str] = frozenset({"rv", "e_rv", "raw_e_rv"})
 VALUE_COLUMNS: tuple[str, ...] = (
     "teff", "logg", "fe_h", "rv", "logteff", "e_teff", "e_logg", "e_fe_h", "e_rv",
@@ -277,7 +278,9 @@ def write_table(table: ReleaseTable, out_dir: str | Path, thresholds: FlagThresh
     hdu = fits.BinTableHDU(astropy_table, name=table.level.upper())
     for index, name in enumerate(astropy_table.colnames, start=1):
         unit, text = units[name]
-        if unit:
+        if unit in NON_FITS_UNITS:  # not a FITS unit string: said in the column comment instead
+            text = f"[{unit}] {text}"
+        elif unit:
             hdu.header[f"TUNIT{index}"] = unit
         hdu.header[f"TCOMM{index}"] = text
     for card in cards:
