@@ -259,3 +259,20 @@ def test_cli_ingest_and_info(shared_data: Path, tmp_path: Path, capsys: pytest.C
     assert "would delete 0 chunks" in capsys.readouterr().out  # both ingests committed: nothing is garbage
     assert main(["ingest", "--store", str(tmp_path / "bad.fits"), "--no-progress", str(shared_data / LAMOST_DR7)]) == 2
     assert "cannot open spectrum store" in capsys.readouterr().err
+
+
+def test_a_store_that_cannot_be_written_fails_cleanly(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import icechunk
+
+    path = tmp_path / "store"
+    SpectrumStore.open(path).ingest([shared_data / LAMOST_DR1[0]], progress=False)
+    before = SpectrumStore.open(path).snapshot_id
+
+    def disk_full(self, *args, **kwargs):
+        raise icechunk.IcechunkError("No space left on device")
+
+    monkeypatch.setattr(icechunk.Session, "commit", disk_full)
+    assert main(["ingest", "--store", str(path), "--no-progress", str(shared_data / LAMOST_DR1[1])]) == 2
+    assert "nothing was committed: No space left on device" in capsys.readouterr().err
+    assert SpectrumStore.open(path).snapshot_id == before and SpectrumStore.open(path).check() == []

@@ -39,6 +39,7 @@ from catalogbuilder.store.spectra import (
     GridWriter,
     SpectrumStore,
     StoreConflictError,
+    StoreError,
     open_group_dataset,
     plain_strings,
     table_dataset,
@@ -316,10 +317,13 @@ def ingest_files(
         )
     )
     for attempt in range(1, max_attempts + 1):
-        session = store.repository.writable_session(BRANCH)
         report = IngestReport(store=str(store.path), files_given=len(paths), attempts=attempt)
         ingest_time = _utc_now()
-        new_files, new_rejects = _write_session(session, hashes, survey, ingest_time, client, batch, progress, report)
+        try:
+            session = store.repository.writable_session(BRANCH)
+            new_files, new_rejects = _write_session(session, hashes, survey, ingest_time, client, batch, progress, report)
+        except (icechunk.IcechunkError, OSError) as error:
+            raise StoreError(f"cannot write to spectrum store {store.path}; nothing was committed: {error}") from error
         if not session.has_uncommitted_changes:
             report.seconds = time.perf_counter() - started
             return report
@@ -334,6 +338,8 @@ def ingest_files(
         except icechunk.ConflictError as error:
             log.warning("attempt %d: another ingest committed first (%s); redoing on top of it", attempt, error)
             continue
+        except (icechunk.IcechunkError, OSError) as error:
+            raise StoreError(f"cannot commit to spectrum store {store.path}; nothing was committed: {error}") from error
         report.seconds = time.perf_counter() - started
         return report
     raise StoreConflictError(
