@@ -170,11 +170,11 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.workers} core(s)"
     print(f"model {model.name} ({'official architecture, random weights' if args.full_size else model_dir}), "
           f"{flops / 1e9:.3f} GFLOP per forward; {args.draws} draws; device {device_name}")
-    header = f"{'path':<44}{'spectra':>9}{'seconds':>10}{'spectra/s':>12}{'TFLOP/s':>10}{'vs loop':>9}"
+    header = f"{'path':<52}{'spectra':>9}{'seconds':>10}{'spectra/s':>12}{'TFLOP/s':>10}{'vs loop':>9}"
     print(header)
     print("-" * len(header))
     rows = [
-        ("Astra-style loop (1 + 1x{d} forwards/spectrum)".format(d=args.draws), n_loop, loop_seconds,
+        (f"Astra-style loop (1 + 1x{args.draws} forwards/spectrum)", n_loop, loop_seconds,
          (1 + args.draws) if args.draws else 1),
         (f"Dask batched, cold (incl. model load, {args.workers} worker(s))", cold.n_computed, cold.seconds,
          max(args.draws, 1)),
@@ -184,7 +184,7 @@ def main() -> None:
     for label, count, seconds, forwards in rows:
         rate = count / seconds
         tflops = rate * forwards * flops / 1e12
-        print(f"{label:<44}{count:>9}{seconds:>10.2f}{rate:>12.1f}{tflops:>10.4f}{rate / loop_rate:>8.1f}x")
+        print(f"{label:<52}{count:>9}{seconds:>10.2f}{rate:>12.1f}{tflops:>10.4f}{rate / loop_rate:>8.1f}x")
     print(f"check: max |logteff(loop) - logteff(Dask)| = {agreement:.2e} dex (same seeds, same weights)")
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,8 @@ DEFAULT_BATCH_SIZE = 256  # spectra per model.predict call (= a store chunk); th
 # apogee_small, 1 thread: 83 rows/s at 1 row, 78 at 21, 52 at 100, 34 at 500: the activations leave the caches);
 # on GPUs the model's own default (512 rows) applies.
 CPU_MAX_BATCH = 32
-DEFAULT_RETRIES = 2
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)  # extra attempts of a task whose worker died or that raised
+DEFAULT_RETRIES = 2  # extra attempts of a task whose worker died or that raised
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 REASON_DEGENERATE = "degenerate input: constant model input (e.g. an all-zero spectrum); predicted anyway"
 
@@ -355,7 +355,6 @@ def run_inference(
     max_batch: int | None = None,
     retries: int = DEFAULT_RETRIES,
     progress: bool = True,
-    on_chunk_done: Callable[[ChunkSummary], None] | None = None,
 ) -> InferenceReport:
     """Predict every spectrum of the model's grid in the store at ``store_path`` that has no ``ok`` result for
     this model and weights yet; results go to ``<store>/results``.
@@ -449,8 +448,6 @@ def run_inference(
         report.n_ok += summary.n_ok
         report.n_no_result += summary.n_no_result
         report.n_degenerate += summary.n_degenerate
-        if on_chunk_done is not None:
-            on_chunk_done(summary)
         bar.update(summary.n_spectra)
         future.release()
     bar.close()
