@@ -117,7 +117,7 @@ def _header_cards(rows: pd.DataFrame, thresholds: FlagThresholds, inputs: Sequen
         ("SURVEY", SURVEY, "sources with photometry only"),
         ("LEVEL", "allStar", "one row per input source"),
         ("MODEL", str(rows["model_name"].iloc[0]) if len(rows) else "", "model name"),
-        ("WEIGHTS", ",".join(weights), "SHA-256 of the model weights"),
+        ("WEIGHTS", ",".join(weights), ""),  # a 64-character SHA-256 leaves no room for a comment
         ("CREATED", str(rows["created"].iloc[0]) if len(rows) else "", "UTC time the rows were computed"),
         ("NROWS", len(rows), "rows, one per input source"),
         ("ECALIB", "e_X = sqrt(raw_e_X**2 + test_std_X**2)", "recommended errors"),

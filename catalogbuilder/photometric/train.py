@@ -204,7 +204,7 @@ def write_model_card(out_dir: str | Path, model: PhotometricModel) -> Path:
     """``MODEL_CARD.md`` of a trained model directory, written from its recorded training metrics."""
     metrics = model.config.training
     units = {"teff": "K", "logg": "dex", "fe_h": "dex"}
-    fmt = {"teff": "{:.0f}", "logg": "{:.3f}", "fe_h": "{:.3f}"}
+    fmt = {"teff": "{:.1f}", "logg": "{:.3f}", "fe_h": "{:.3f}"}
     lines = [
         f"# {model.name}",
         "",
