@@ -74,7 +74,7 @@ def test_one_row_per_input_spectrum_including_failures(frames: dict, tables: lis
     assert by_id.loc[failed, ["teff", "e_teff", "logg", "e_logg", "fe_h", "e_fe_h", "rv", "raw_e_teff"]].isna().all().all()
     assert by_id.loc[failed[0], "reason"] == "worker died"
     assert by_id.loc[failed[4], "reason"] == "no result for this model"
-    assert by_id.loc[sorted(reject_ids)[0], "reason"] == "rejected at ingest: truncated FITS"
+    assert by_id.loc[min(reject_ids), "reason"] == "rejected at ingest: truncated FITS"
     assert (by_id.loc[failed, "weights_sha256"] == WEIGHTS).all()
     visits = next(t for t in tables if t.level == "allVisit").rows
     assert (visits["kind"] == "visit").all() and len(visits) == (frames["spectra"]["kind"] == "visit").sum()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-
 from typing import TYPE_CHECKING
 
 from catalogbuilder.cluster import add_cluster_arguments, connect_from_args

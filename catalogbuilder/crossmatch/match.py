@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -224,9 +223,13 @@ def match_catalog(
 
 def band_completeness(frame: pd.DataFrame, required: Sequence[str] = REQUIRED_BANDS) -> tuple[np.ndarray, np.ndarray]:
     """``n_bands`` (finite required bands per row) and ``missing_bands`` (comma-separated names, "" when complete)."""
-    finite = np.column_stack([np.isfinite(frame[band].to_numpy(float)) for band in required])
-    missing = np.array([",".join(band for band, ok in zip(required, row) if not ok) for row in finite], dtype=object)
-    return finite.sum(axis=1).astype(np.int64), missing
+    n_bands = np.zeros(len(frame), dtype=np.int64)
+    missing = pd.Series("", index=frame.index, dtype=object)
+    for band in required:
+        present = np.isfinite(frame[band].to_numpy(float))
+        n_bands += present
+        missing = missing + np.where(present, "", band + ",")
+    return n_bands, missing.str.rstrip(",").to_numpy(dtype=object)
 
 
 def crossmatch(
@@ -251,14 +254,16 @@ def crossmatch(
         pending = ~output["gaia_matched"].to_numpy()
         if not pending.any():
             break
-        found = match_catalog(ra, dec, catalog, radius_arcsec, columns, margin_cache)
-        take = pending & np.isfinite(found["sep_arcsec"].to_numpy(float))
+        rows = np.flatnonzero(pending)  # later catalogs only see the spectra still without a counterpart
+        found = match_catalog(ra[rows], dec[rows], catalog, radius_arcsec, columns, margin_cache)
+        hit = np.isfinite(found["sep_arcsec"].to_numpy(float))
+        take, found = rows[hit], found.loc[hit]
         output.loc[take, "gaia_matched"] = True
-        output.loc[take, "gaia_source_id"] = found.loc[take, "source_id"].astype("Int64")
-        output.loc[take, "gaia_sep_arcsec"] = found.loc[take, "sep_arcsec"]
+        output.loc[take, "gaia_source_id"] = found["source_id"].astype("Int64").to_numpy()
+        output.loc[take, "gaia_sep_arcsec"] = found["sep_arcsec"].to_numpy(float)
         output.loc[take, "xmatch_catalog"] = "table" if isinstance(catalog, pd.DataFrame) else Path(catalog).name
         for field in GAIA_COLUMNS + TMASS_COLUMNS:
-            output.loc[take, field] = found.loc[take, field].to_numpy(float)
+            output.loc[take, field] = found[field].to_numpy(float)
     for band in ("j", "h", "k"):  # a band's magnitude and error come from the same source
         magnitude, error = f"tmass_{band}", f"e_tmass_{band}"
         if magnitude in spectra.columns:

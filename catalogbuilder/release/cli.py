@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-
 from typing import TYPE_CHECKING
 
 from catalogbuilder.crossmatch.cli import add_catalog_arguments, catalog_columns, cluster_or_local

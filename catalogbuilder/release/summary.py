@@ -4,12 +4,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from catalogbuilder.constants import ResultFlag
 from catalogbuilder.release.tables import ReleaseTable
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def table_summary(table: ReleaseTable) -> dict[str, object]:
@@ -20,7 +24,7 @@ def table_summary(table: ReleaseTable) -> dict[str, object]:
         "survey": table.survey,
         "level": table.level,
         "model": table.model_name,
-        "rows": int(len(rows)),
+        "rows": len(rows),
         "with_result": int(((flags & int(ResultFlag.NO_RESULT)) == 0).sum()),
         "flag_warn": int(rows["flag_warn"].sum()),
         "flag_bad": int(rows["flag_bad"].sum()),
@@ -38,7 +42,7 @@ def summarize(tables: Sequence[ReleaseTable]) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def kiel_figure(tables: Sequence[ReleaseTable], title: str):  # noqa: ANN201 - a matplotlib Figure
+def kiel_figure(tables: Sequence[ReleaseTable], title: str) -> Figure:
     """Teff–log g diagram of the given tables (both axes inverted, as astronomers plot them), coloured by [Fe/H]
     on a fixed -2…0.5 dex scale (the DR19 reliable range); flag_bad rows grey, rows without values left out."""
     import matplotlib

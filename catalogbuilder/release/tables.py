@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -28,8 +29,13 @@ from catalogbuilder.calibrate.flags import FlagThresholds, apply_flags, spectrum
 from catalogbuilder.constants import FLAG_BAD_MASK, FLAG_WARN_MASK, GRIDS, KIND_COMBINED, KIND_VISIT, SURVEY_GRID, ResultFlag
 from catalogbuilder.crossmatch.match import DEFAULT_RADIUS_ARCSEC, REQUIRED_BANDS, TMASS_COLUMNS, CatalogColumns, crossmatch
 
+if TYPE_CHECKING:
+    import xarray as xr
+
 log = logging.getLogger(__name__)
 
+DEFAULT_THRESHOLDS = FlagThresholds()
+DEFAULT_COLUMNS = CatalogColumns()
 LEVELS: dict[str, str] = {KIND_COMBINED: "allStar", KIND_VISIT: "allVisit"}
 UNKNOWN_SURVEY = "unknown"
 NO_RESULT_REASON = "no result for this model"
@@ -123,7 +129,7 @@ def guess_survey(file_name: str) -> str:
     return next((survey for survey, pattern in SURVEY_FILE_PATTERNS if pattern.match(name)), UNKNOWN_SURVEY)
 
 
-def spectra_from_dataset(dataset, grid: str) -> pd.DataFrame:  # noqa: ANN001 - an xarray Dataset of the store
+def spectra_from_dataset(dataset: xr.Dataset, grid: str) -> pd.DataFrame:
     """Per-spectrum metadata of one store grid (its ``spectrum`` coordinates, ``file_path`` renamed ``file``) plus
     ``grid`` and the input-quality columns of :func:`~catalogbuilder.calibrate.flags.spectrum_quality`."""
     frame = pd.DataFrame({
@@ -157,7 +163,7 @@ def reject_rows(rejects: pd.DataFrame) -> pd.DataFrame:
 
 def model_rows(
     model_name: str, spectra: pd.DataFrame, results: pd.DataFrame, matches: pd.DataFrame, rejects: pd.DataFrame,
-    created: str, thresholds: FlagThresholds = FlagThresholds(),
+    created: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
 ) -> pd.DataFrame:
     """Every input row of one model, calibrated and flagged: the spectra of the grid(s) the model ran on joined with its
     results (missing result → NO_RESULT), the cross-match, and the rejected files of the model's surveys."""
@@ -215,7 +221,7 @@ def _typed(rows: pd.DataFrame, has_rv: bool) -> pd.DataFrame:
 
 def assemble_release(
     spectra: pd.DataFrame, results: pd.DataFrame, matches: pd.DataFrame, rejects: pd.DataFrame | None = None,
-    thresholds: FlagThresholds = FlagThresholds(), created: str | None = None,
+    thresholds: FlagThresholds = DEFAULT_THRESHOLDS, created: str | None = None,
 ) -> list[ReleaseTable]:
     """Release tables of every model in ``results``, split by survey and level (combined → allStar, visit → allVisit),
     rows sorted by ``spectrum_id``. Empty tables are not produced."""
@@ -317,7 +323,7 @@ def load_store_frames(store_path: str | Path) -> tuple[pd.DataFrame, pd.DataFram
 
 def build_release(
     store_path: str | Path, out_dir: str | Path, catalogs: Sequence[str | Path] = (), radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
-    columns: CatalogColumns = CatalogColumns(), thresholds: FlagThresholds = FlagThresholds(),
+    columns: CatalogColumns = DEFAULT_COLUMNS, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
     margin_cache: str | Path | None = None,
 ) -> list[ReleaseTable]:
     """Cross-match, calibrate, flag and write every release table of the store at ``store_path`` into ``out_dir``,
