@@ -119,6 +119,7 @@ def test_fits_and_parquet_hold_the_same_table(tables: list, tmp_path: Path) -> N
     fits_path, parquet_path = write_table(table, tmp_path, FlagThresholds(), provenance)
     assert fits_path == tmp_path / "lamost/bossnet/allStar-bossnet-lamost.fits.gz" and parquet_path.suffix == ".parquet"
     with fits.open(fits_path) as hdul:
+        hdul.verify("exception")  # standard-conforming FITS (what TOPCAT and fitsverify expect)
         header = hdul[1].header
         assert header["MODEL"] == "bossnet" and header["WEIGHTS"] == WEIGHTS and header["SOFTVER"] == __version__
         assert header["CREATED"] == provenance["created"] and header["NROWS"] == len(table.rows)
@@ -205,3 +206,12 @@ def test_release_from_a_real_store(conformance_dir: Path, tmp_path: Path, shared
     assert "rv" in pd.read_parquet(out / "boss/boss_small/allStar-boss_small-boss.parquet").columns
     assert {"kiel-apogee_small.png", "kiel-boss_small.png", "summary.csv", "crossmatch.parquet"} <= {p.name for p in out.iterdir()}
     assert main(["release", "--store", str(store_path), "--out", str(out), "--threshold", "snr_max=3"]) == 2
+
+
+def test_release_of_a_store_without_results_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from catalogbuilder.cli import main
+    from catalogbuilder.store.spectra import SpectrumStore
+
+    SpectrumStore.open(tmp_path / "empty")
+    assert main(["release", "--store", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert "holds no results" in capsys.readouterr().err
