@@ -10,6 +10,7 @@ checksum differ), then runs every measurement in a fresh subprocess (so its peak
 Prints spectra/s, ingest/astropy ratios and the peak RSS at N and 4N files (flat = batching works; for ``dask``
 the client's and the largest worker's). Run: ``python bench/ingest.py --n 32 --workers 2``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,9 @@ SOURCES = (
     "lamost/dr1_learninglamost/spec-55862-B6212_sp06-072.fits",
     "lamost/dr1_learninglamost/spec-55862-B6212_sp06-107.fits",
 )
+
+
+ROW = "{:8s} {:>6} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10}"
 
 
 def make_copies(folder: Path, count: int) -> list[Path]:
@@ -95,7 +99,12 @@ def child(mode: str, list_file: Path, store: Path, workers: int) -> dict[str, fl
                 seconds = time.perf_counter() - start
                 worker_rss = max(client.run(peak_rss_mb).values())
     assert not report.rejected, report.rejected
-    return {"seconds": seconds, "spectra": report.spectra_added, "client_rss_mb": peak_rss_mb(), "worker_rss_mb": worker_rss}
+    return {
+        "seconds": seconds,
+        "spectra": report.spectra_added,
+        "client_rss_mb": peak_rss_mb(),
+        "worker_rss_mb": worker_rss,
+    }
 
 
 def measure(mode: str, paths: list[Path], scratch: Path, workers: int) -> dict[str, float]:
@@ -124,21 +133,39 @@ def main(argv: list[str] | None = None) -> None:
     if not SHARED_DATA.is_dir():
         sys.exit(f"needs the shared data folder at {SHARED_DATA}")
     modes = args.modes.split(",")
+    if not {"serial", "dask"} & set(modes):
+        sys.exit("--modes needs serial or dask (astropy alone has nothing to compare with)")
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         scratch = Path(tmp)
         (scratch / "files").mkdir()
         copies = make_copies(scratch / "files", 4 * args.n)
         size_mb = sum(p.stat().st_size for p in copies) / 1e6
-        print(f"{4 * args.n} distinct files ({size_mb:.0f} MB) from {len(SOURCES)} real spectra files; {os.cpu_count()} cores")
-        results = {(mode, n): measure(mode, copies[:n], scratch, args.workers) for n in (args.n, 4 * args.n) for mode in modes}
-    spectra = {n: next(r["spectra"] for (m, k), r in results.items() if k == n and "spectra" in r) for n in (args.n, 4 * args.n)}
-    print(f"{'mode':8s} {'files':>6s} {'spectra':>8s} {'seconds':>8s} {'spectra/s':>10s} {'vs astropy':>10s} {'client MB':>10s} {'worker MB':>10s}")
+        print(f"{4 * args.n} distinct files ({size_mb:.0f} MB) from {len(SOURCES)} real files; {os.cpu_count()} cores")
+        results = {
+            (mode, n): measure(mode, copies[:n], scratch, args.workers) for n in (args.n, 4 * args.n) for mode in modes
+        }
+    spectra = {
+        n: next(r["spectra"] for (m, k), r in results.items() if k == n and "spectra" in r)
+        for n in (args.n, 4 * args.n)
+    }
+    print(ROW.format("mode", "files", "spectra", "seconds", "spectra/s", "vs astropy", "client MB", "worker MB"))
     for (mode, n), result in results.items():
         rate = spectra[n] / result["seconds"]
         base = results.get(("astropy", n))
         ratio = f"{base['seconds'] / result['seconds']:.2f}x" if base else "-"
         worker = f"{result.get('worker_rss_mb', 0):.0f}" if result.get("worker_rss_mb") else "-"
-        print(f"{mode:8s} {n:6d} {spectra[n]:8d} {result['seconds']:8.2f} {rate:10.1f} {ratio:>10s} {result['client_rss_mb']:10.0f} {worker:>10s}")
+        print(
+            ROW.format(
+                mode,
+                n,
+                spectra[n],
+                f"{result['seconds']:.2f}",
+                f"{rate:.1f}",
+                ratio,
+                f"{result['client_rss_mb']:.0f}",
+                worker,
+            )
+        )
     for mode in modes:
         small, large = results[(mode, args.n)], results[(mode, 4 * args.n)]
         line = f"peak RSS 4N/N {mode}: client {large['client_rss_mb'] / small['client_rss_mb']:.2f}"

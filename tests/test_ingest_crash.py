@@ -4,6 +4,7 @@ Each test runs the ingest in a subprocess. The first test wraps the store's chun
 append on stdout and then blocks, letting the test kill it at a known point (data chunks on disk, no commit); the
 second kills it after a random delay; the third runs two writers at the same time.
 """
+
 from __future__ import annotations
 
 import datetime

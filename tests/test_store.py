@@ -1,4 +1,5 @@
 """SpectrumStore and ingest on real files: layout, values, idempotency, rejects, Dask parity, conflicts, CLI."""
+
 from __future__ import annotations
 
 import shutil
@@ -19,7 +20,9 @@ APSTAR_1VISIT = "apogee/apStar-dr17-2M19485057+5005279.fits"
 BOSS_FILES = ("boss/spec-3586-55181-0500.fits", "boss/spec-0266-51602-0031.fits")
 LAMOST_DR7 = "lamost/laspec/spec-58397-EG014118N254444M01_sp03-031.fits"
 LAMOST_DR6 = "lamost/laspec/spec-57287-KP193637N444141V03_sp10-161.fits.gz"
-LAMOST_DR1 = tuple(f"lamost/dr1_learninglamost/spec-55862-B6212_sp06-{n}.fits" for n in ("072", "129", "107", "117", "055", "011"))
+LAMOST_DR1 = tuple(
+    f"lamost/dr1_learninglamost/spec-55862-B6212_sp06-{n}.fits" for n in ("072", "129", "107", "117", "055", "011")
+)
 INITIAL = (APSTAR_3VISITS, APSTAR_1VISIT, *BOSS_FILES, LAMOST_DR7, LAMOST_DR6, *LAMOST_DR1[:4])
 
 
@@ -64,7 +67,9 @@ def test_layout_counts_and_grids(ingested, shared_data: Path) -> None:
     assert info["total_spectra"] == 15 and info["files"] == len(INITIAL) and info["snapshots"] == 2
     np.testing.assert_array_equal(apogee["wavelength"].values, grid_wavelength("apogee"))
     np.testing.assert_array_equal(optical["wavelength"].values, grid_wavelength("optical").astype(np.float64))
-    assert apogee["flux"].dtype == np.float32 and apogee["error"].dtype == np.float32 and apogee["mask"].dtype == np.int64
+    assert (
+        apogee["flux"].dtype == np.float32 and apogee["error"].dtype == np.float32 and apogee["mask"].dtype == np.int64
+    )
     assert apogee["flux"].encoding["chunks"] == (256, APOGEE_NPIX) and apogee["ra"].encoding["chunks"] == (4096,)
     assert store.check() == []
 
@@ -76,8 +81,12 @@ def test_coordinates_come_from_headers(ingested, shared_data: Path) -> None:
     rows = rows_of(apogee, "source_id", header["OBJID"])
     assert column(rows, "row") == [0, 1, 2, 3, 4] and column(rows, "visit") == [0, 0, 1, 2, 3]
     assert column(rows, "kind") == ["combined"] * 2 + ["visit"] * 3
-    np.testing.assert_allclose(rows["ra"].values, header["RA"]) and np.testing.assert_allclose(rows["dec"].values, header["DEC"])
-    np.testing.assert_allclose(rows["tmass_j"].values, header["J"]) and np.testing.assert_allclose(rows["e_tmass_h"].values, header["H_ERR"])
+    np.testing.assert_allclose(rows["ra"].values, header["RA"]) and np.testing.assert_allclose(
+        rows["dec"].values, header["DEC"]
+    )
+    np.testing.assert_allclose(rows["tmass_j"].values, header["J"]) and np.testing.assert_allclose(
+        rows["e_tmass_h"].values, header["H_ERR"]
+    )
     sha = rows["file_sha256"].values[0]
     assert column(rows, "spectrum_id") == [f"apogee-{sha[:16]}-{row}" for row in range(5)]
     assert column(rows, "file_path") == [str(shared_data / APSTAR_3VISITS)] * 5
@@ -155,7 +164,9 @@ def test_bad_files_are_rejected_and_the_run_goes_on(shared_data: Path, tmp_path:
     good = shared_data / LAMOST_DR1[5]
     originals = {name: path.read_bytes() for name, path in broken.items() if path.exists()}
     store = SpectrumStore.open(tmp_path / "store")
-    report = store.ingest([broken["truncated"], good, broken["garbage"], broken["all_nan"], broken["missing"]], progress=False)
+    report = store.ingest(
+        [broken["truncated"], good, broken["garbage"], broken["all_nan"], broken["missing"]], progress=False
+    )
     assert report.added == {"apogee": 0, "optical": 1}
     reasons = dict(report.rejected)
     assert set(reasons) == {str(path) for path in broken.values()}
@@ -185,7 +196,10 @@ def test_dask_ingest_equals_serial_ingest(shared_data: Path, tmp_path: Path) -> 
     serial.ingest(files, progress=False)
     parallel = SpectrumStore.open(tmp_path / "dask")
     # threads keep the test fast; bench/ingest.py and the CLI run the same code on worker processes
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         report = parallel.ingest(files, client=client, progress=False, batch_size=3)
     assert report.added == {"apogee": 7, "optical": 8} and len(report.rejected) == 1
     for grid in ("apogee", "optical"):
@@ -194,7 +208,9 @@ def test_dask_ingest_equals_serial_ingest(shared_data: Path, tmp_path: Path) -> 
     assert list(serial.rejects()["reason"]) == list(parallel.rejects()["reason"])
 
 
-def test_concurrent_commit_is_redone_or_fails_cleanly(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_commit_is_redone_or_fails_cleanly(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Writer A is overtaken by writer B between its writes and its commit: A's commit conflicts, A redoes its ingest
     on top of B (both sets present); with one attempt only A fails with StoreConflictError and B's state is intact."""
     path = tmp_path / "store"
@@ -213,7 +229,9 @@ def test_concurrent_commit_is_redone_or_fails_cleanly(shared_data: Path, tmp_pat
     report = writer_a.ingest(a_files, progress=False)
     assert report.attempts == 2 and report.added["optical"] == 1
     assert [snapshot.parent_id for snapshot in writer_a.snapshots()[:1]] == overtaken
-    assert sorted(writer_a.files()["file_path"]) == sorted(str(p) for p in [shared_data / LAMOST_DR1[0], *a_files, *b_files])
+    assert sorted(writer_a.files()["file_path"]) == sorted(
+        str(p) for p in [shared_data / LAMOST_DR1[0], *a_files, *b_files]
+    )
     assert writer_a.check() == []
 
     overtaken.clear()
@@ -224,7 +242,9 @@ def test_concurrent_commit_is_redone_or_fails_cleanly(shared_data: Path, tmp_pat
     assert str(shared_data / LAMOST_DR1[4]) not in set(writer_a.files()["file_path"])
 
 
-def test_expand_inputs_lists_and_directories(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_expand_inputs_lists_and_directories(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text(f"# nightly\n{shared_data / BOSS_FILES[0]}\n\n{shared_data / 'lamost/laspec'}\n")
     monkeypatch.chdir(shared_data)
@@ -261,8 +281,9 @@ def test_cli_ingest_and_info(shared_data: Path, tmp_path: Path, capsys: pytest.C
     assert "cannot open spectrum store" in capsys.readouterr().err
 
 
-def test_a_store_that_cannot_be_written_fails_cleanly(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_store_that_cannot_be_written_fails_cleanly(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import icechunk
 
     path = tmp_path / "store"

@@ -1,4 +1,5 @@
 """The spectrum store: model-grid resampling, the icechunk-backed Zarr store and the parallel ingest."""
+
 from __future__ import annotations
 
 from catalogbuilder.store.ingest import IngestReport, expand_inputs, ingest_files

@@ -1,4 +1,5 @@
 """``catalogbuilder ingest`` and ``catalogbuilder store info``: fill a spectrum store and look into it."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read FITS spectra into a spectrum store (idempotent, one atomic commit)",
         description="Read, resample and append FITS spectra to the store in one atomic commit. Files whose bytes are "
         "already in the store are skipped; unreadable files are recorded as rejects and do not stop the run. "
-        f"Without cluster options, up to {SERIAL_MAX_FILES} files are read in this process, more on a local Dask cluster.",
+        f"Without cluster options, up to {SERIAL_MAX_FILES} files are read in this process, more on a local Dask "
+        "cluster.",
     )
     ingest.add_argument("--store", required=True, metavar="PATH", help="store folder (created if missing)")
-    ingest.add_argument("--survey", choices=SURVEY_VALUES, default="auto", help="file format (default: detect per file)")
-    ingest.add_argument("inputs", nargs="+", metavar="FILES_OR_@LIST", help="FITS files, folders of *.fits[.gz], or @list.txt")
-    ingest.add_argument("--batch-size", type=int, default=None, help="files per Dask batch (default: 4 per worker thread)")
+    ingest.add_argument(
+        "--survey", choices=SURVEY_VALUES, default="auto", help="file format (default: detect per file)"
+    )
+    ingest.add_argument(
+        "inputs", nargs="+", metavar="FILES_OR_@LIST", help="FITS files, folders of *.fits[.gz], or @list.txt"
+    )
+    ingest.add_argument(
+        "--batch-size", type=int, default=None, help="files per Dask batch (default: 4 per worker thread)"
+    )
     ingest.add_argument("--serial", action="store_true", help="read in this process, without Dask")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_cluster_arguments(ingest)
@@ -49,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("path", help="store folder")
     check.set_defaults(func=run_check)
     gc = store_commands.add_parser(
-        "gc", help="delete data left by killed or conflicting ingests (only when no ingest older than --hours is running)"
+        "gc",
+        help="delete data left by killed or conflicting ingests (only when no ingest older than --hours is running)",
     )
     gc.add_argument("path", help="store folder")
     gc.add_argument("--hours", type=float, default=24 * 7, help="only delete objects older than this (default: 168)")
@@ -81,7 +90,9 @@ def run_ingest(args: argparse.Namespace) -> int:
     cluster = connect_from_args(args) if _wants_cluster(args, len(paths)) else contextlib.nullcontext(None)
     try:
         with cluster as client:
-            report = store.ingest(paths, survey=args.survey, client=client, progress=not args.no_progress, batch_size=args.batch_size)
+            report = store.ingest(
+                paths, survey=args.survey, client=client, progress=not args.no_progress, batch_size=args.batch_size
+            )
     except StoreConflictError as error:
         print(f"catalogbuilder ingest: {error}", file=sys.stderr)
         return EXIT_CONFLICT
@@ -98,7 +109,9 @@ def format_info(info: dict[str, Any]) -> str:
     for grid, counts in info["grids"].items():
         lines.append(f"  {grid:8s} {counts['spectra']:10d} spectra")
         lines += [f"    {key:22s} {n:10d}" for key, n in counts["by_survey_kind"].items()]
-    lines.append(f"  total    {info['total_spectra']:10d} spectra from {info['files']} files; {info['rejects']} rejected files")
+    lines.append(
+        f"  total    {info['total_spectra']:10d} spectra from {info['files']} files; {info['rejects']} rejected files"
+    )
     return "\n".join(lines)
 
 
@@ -137,7 +150,10 @@ def run_gc(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     summary = store.garbage_collect(datetime.timedelta(hours=args.hours), dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{store.path}: {verb} " + ", ".join(f"{value} {key.removesuffix('_deleted')}" for key, value in summary.items()))
+    print(
+        f"{store.path}: {verb} "
+        + ", ".join(f"{value} {key.removesuffix('_deleted')}" for key, value in summary.items())
+    )
     return 0
 
 

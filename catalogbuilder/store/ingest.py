@@ -3,6 +3,7 @@
 Workers (Dask, or this process when no client is given) hash, read and resample files in batches; the client is the
 single writer, appending whole chunks to an icechunk session, and commits once at the end. See docs/store.md.
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,10 +41,10 @@ from catalogbuilder.store.spectra import (
     SpectrumStore,
     StoreConflictError,
     StoreError,
+    append_dataset,
     open_group_dataset,
     plain_strings,
     table_dataset,
-    append_dataset,
 )
 
 if TYPE_CHECKING:
@@ -140,7 +141,10 @@ def spectra_to_blocks(spectra: Sequence[Spectrum], path: str, sha256: str, inges
     blocks = []
     for grid, members in by_grid.items():
         resampled = [to_model_grid(spectrum) for spectrum in members]
-        coords = {name: np.asarray([_coordinate(s, name, path, sha256, ingest_time) for s in members]) for name in SPECTRUM_COORDS}
+        coords = {
+            name: np.asarray([_coordinate(s, name, path, sha256, ingest_time) for s in members])
+            for name in SPECTRUM_COORDS
+        }
         blocks.append(
             GridBlock(
                 grid=grid,
@@ -252,7 +256,9 @@ class IngestReport:
         ]
         lines += [f"    same bytes as {first}: {path}" for path, first in self.same_bytes_other_path]
         if self.previously_rejected:
-            lines.append(f"  skipped {len(self.previously_rejected)} files rejected before with the same bytes and reader version")
+            lines.append(
+                f"  skipped {len(self.previously_rejected)} files rejected before (same bytes, same reader version)"
+            )
         lines.append(f"  rejected {len(self.rejected)} files")
         lines += [f"    {path}: {reason}" for path, reason in self.rejected]
         return "\n".join(lines)
@@ -271,13 +277,21 @@ def _store_state(session: icechunk.Session) -> _StoreState:
     files = open_group_dataset(session.store, FILES_GROUP)
     file_by_sha: dict[str, tuple[str, int]] = {}
     if files is not None:
-        for sha, path, count in zip(plain_strings(files["file_sha256"].values), plain_strings(files["file_path"].values), files["n_spectra"].values):
+        for sha, path, count in zip(
+            plain_strings(files["file_sha256"].values),
+            plain_strings(files["file_path"].values),
+            files["n_spectra"].values,
+        ):
             first, total = file_by_sha.get(sha, (path, 0))
             file_by_sha[sha] = (first, total + int(count))
     rejects = open_group_dataset(session.store, REJECTS_GROUP)
     rejected = {}
     if rejects is not None:
-        keys = zip(plain_strings(rejects["file_sha256"].values), plain_strings(rejects["reader_version"].values), plain_strings(rejects["reason"].values))
+        keys = zip(
+            plain_strings(rejects["file_sha256"].values),
+            plain_strings(rejects["reader_version"].values),
+            plain_strings(rejects["reason"].values),
+        )
         rejected = {(sha, version): reason for sha, version, reason in keys if sha}
     lengths = {}
     for grid in GRIDS:
@@ -312,8 +326,13 @@ def ingest_files(
     batch = batch_size or default_batch_size(client)
     hashes = list(
         tqdm(
-            map_in_order(hash_file, paths, client, batch, lambda path, error: HashResult(path, "", describe_error(error))),
-            total=len(paths), desc="hashing", unit="file", disable=not progress or not paths,
+            map_in_order(
+                hash_file, paths, client, batch, lambda path, error: HashResult(path, "", describe_error(error))
+            ),
+            total=len(paths),
+            desc="hashing",
+            unit="file",
+            disable=not progress or not paths,
         )
     )
     for attempt in range(1, max_attempts + 1):
@@ -321,7 +340,9 @@ def ingest_files(
         ingest_time = _utc_now()
         try:
             session = store.repository.writable_session(BRANCH)
-            new_files, new_rejects = _write_session(session, hashes, survey, ingest_time, client, batch, progress, report)
+            new_files, new_rejects = _write_session(
+                session, hashes, survey, ingest_time, client, batch, progress, report
+            )
         except (icechunk.IcechunkError, OSError) as error:
             raise StoreError(f"cannot write to spectrum store {store.path}; nothing was committed: {error}") from error
         if not session.has_uncommitted_changes:
@@ -381,7 +402,9 @@ def _write_session(
     writers = {grid: GridWriter(session.store, grid, state.lengths[grid]) for grid in GRIDS}
     new_files: list[dict[str, Any]] = []
     task = functools.partial(_load_task, survey=survey, ingest_time=ingest_time)
-    results = map_in_order(task, to_read, client, batch, lambda item, error: FileResult(*item, [], describe_error(error)))
+    results = map_in_order(
+        task, to_read, client, batch, lambda item, error: FileResult(*item, [], describe_error(error))
+    )
     for result in tqdm(results, total=len(to_read), desc="ingesting", unit="file", disable=not progress or not to_read):
         if result.reason is not None:
             new_rejects.append(_reject_row(result.path, result.sha256, result.reason))
@@ -390,8 +413,14 @@ def _write_session(
             writers[block.grid].add(block)
             report.added[block.grid] += len(block)
             new_files.append(
-                {"file_path": result.path, "file_sha256": result.sha256, "grid": block.grid, "n_spectra": len(block),
-                 "reader_version": str(block.coords["reader_version"][0]), "ingest_time": ingest_time}
+                {
+                    "file_path": result.path,
+                    "file_sha256": result.sha256,
+                    "grid": block.grid,
+                    "n_spectra": len(block),
+                    "reader_version": str(block.coords["reader_version"][0]),
+                    "ingest_time": ingest_time,
+                }
             )
         report.files_added += 1
     for writer in writers.values():
@@ -410,4 +439,10 @@ def _load_task(item: tuple[str, str], survey: str, ingest_time: str) -> FileResu
 
 
 def _reject_row(path: str, sha256: str, reason: str) -> dict[str, Any]:
-    return {"file_path": path, "file_sha256": sha256, "reason": reason, "time": _utc_now(), "reader_version": READER_VERSION}
+    return {
+        "file_path": path,
+        "file_sha256": sha256,
+        "reason": reason,
+        "time": _utc_now(),
+        "reader_version": READER_VERSION,
+    }

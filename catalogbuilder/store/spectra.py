@@ -4,6 +4,7 @@ Layout (see docs/store.md): groups ``apogee`` and ``optical`` with dims ``(spect
 ingested file: the idempotency ledger) and ``rejects`` (one row per rejected file). Every ingest is one icechunk commit
 on branch ``main``, so readers only ever see complete ingests.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,7 +53,14 @@ _PIXEL_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 COMMIT_LOCK_NAME = "catalogbuilder-commit.lock"
 
 STRING_COORDS: tuple[str, ...] = (
-    "spectrum_id", "source_id", "survey", "kind", "file_path", "file_sha256", "reader_version", "ingest_time",
+    "spectrum_id",
+    "source_id",
+    "survey",
+    "kind",
+    "file_path",
+    "file_sha256",
+    "reader_version",
+    "ingest_time",
 )
 INT_COORDS: tuple[str, ...] = ("row", "visit")
 PHOTOMETRY_KEYS: tuple[str, ...] = ("tmass_j", "tmass_h", "tmass_k", "e_tmass_j", "e_tmass_h", "e_tmass_k")
@@ -72,7 +80,10 @@ _ATTRS: dict[str, dict[str, str]] = {
     "snr": {"long_name": "survey signal-to-noise ratio (NaN if unknown)"},
     "mjd": {"units": "d", "long_name": "modified Julian date of the observation (NaN if unknown)"},
     "ingest_time": {"long_name": "UTC time of the ingest (ISO 8601)"},
-    **{key: {"units": "mag", "long_name": f"2MASS {key} from the file header (NaN if missing)"} for key in PHOTOMETRY_KEYS},
+    **{
+        key: {"units": "mag", "long_name": f"2MASS {key} from the file header (NaN if missing)"}
+        for key in PHOTOMETRY_KEYS
+    },
 }
 
 
@@ -111,8 +122,12 @@ class GridBlock:
 
     def split(self, n: int) -> tuple[GridBlock, GridBlock]:
         """The first ``n`` rows and the rest."""
-        head = GridBlock(self.grid, self.flux[:n], self.error[:n], self.mask[:n], {k: v[:n] for k, v in self.coords.items()})
-        tail = GridBlock(self.grid, self.flux[n:], self.error[n:], self.mask[n:], {k: v[n:] for k, v in self.coords.items()})
+        head = GridBlock(
+            self.grid, self.flux[:n], self.error[:n], self.mask[:n], {k: v[:n] for k, v in self.coords.items()}
+        )
+        tail = GridBlock(
+            self.grid, self.flux[n:], self.error[n:], self.mask[n:], {k: v[n:] for k, v in self.coords.items()}
+        )
         return head, tail
 
     def to_dataset(self) -> xr.Dataset:
@@ -255,7 +270,9 @@ class SpectrumStore:
 
     def _readonly_store(self, snapshot: str | None = None) -> icechunk.IcechunkStore:
         session = (
-            self.repository.readonly_session(snapshot_id=snapshot) if snapshot else self.repository.readonly_session(branch=BRANCH)
+            self.repository.readonly_session(snapshot_id=snapshot)
+            if snapshot
+            else self.repository.readonly_session(branch=BRANCH)
         )
         return session.store
 
@@ -293,8 +310,15 @@ class SpectrumStore:
             if dataset is None:
                 grids[grid] = {"spectra": 0, "by_survey_kind": {}}
                 continue
-            keys = pd.Series(plain_strings(dataset["survey"].values)) + "/" + pd.Series(plain_strings(dataset["kind"].values))
-            grids[grid] = {"spectra": int(dataset.sizes[SPECTRUM_DIM]), "by_survey_kind": keys.value_counts().sort_index().to_dict()}
+            keys = (
+                pd.Series(plain_strings(dataset["survey"].values))
+                + "/"
+                + pd.Series(plain_strings(dataset["kind"].values))
+            )
+            grids[grid] = {
+                "spectra": int(dataset.sizes[SPECTRUM_DIM]),
+                "by_survey_kind": keys.value_counts().sort_index().to_dict(),
+            }
         return {
             "path": str(self.path),
             "snapshot_id": self.snapshot_id,
@@ -318,7 +342,9 @@ class SpectrumStore:
                     problems.append(f"{grid}: files ledger lists files but the group is missing")
                 continue
             problems += _check_grid(zarr.open_group(store, path=grid, mode="r", zarr_format=3), grid, ledger)
-        rejects = zarr.open_group(store, mode="r", zarr_format=3)[REJECTS_GROUP] if _has_group(store, REJECTS_GROUP) else None
+        rejects = (
+            zarr.open_group(store, mode="r", zarr_format=3)[REJECTS_GROUP] if _has_group(store, REJECTS_GROUP) else None
+        )
         if rejects is not None and len({array.shape for _, array in rejects.arrays()}) > 1:
             problems.append("rejects: columns differ in length")
         return problems
@@ -337,10 +363,18 @@ class SpectrumStore:
         from catalogbuilder.store.ingest import ingest_files
 
         return ingest_files(
-            self, files, survey=survey, client=client, progress=progress, batch_size=batch_size, max_attempts=max_attempts
+            self,
+            files,
+            survey=survey,
+            client=client,
+            progress=progress,
+            batch_size=batch_size,
+            max_attempts=max_attempts,
         )
 
-    def garbage_collect(self, older_than: datetime.timedelta = datetime.timedelta(days=7), dry_run: bool = False) -> dict[str, int]:
+    def garbage_collect(
+        self, older_than: datetime.timedelta = datetime.timedelta(days=7), dry_run: bool = False
+    ) -> dict[str, int]:
         """Delete objects no commit refers to (left by killed or conflicting ingests) that are older than
         ``older_than``; returns counts of what was (or, with ``dry_run``, would be) deleted. Every snapshot stays
         readable. Chunks of an ingest still running are unreferenced too: keep ``older_than`` above the longest
@@ -348,7 +382,14 @@ class SpectrumStore:
         cutoff = datetime.datetime.now(datetime.timezone.utc) - older_than
         with self.commit_lock():
             summary = self.repository.garbage_collect(cutoff, dry_run=dry_run)
-        fields = ("chunks_deleted", "manifests_deleted", "snapshots_deleted", "attributes_deleted", "transaction_logs_deleted", "bytes_deleted")
+        fields = (
+            "chunks_deleted",
+            "manifests_deleted",
+            "snapshots_deleted",
+            "attributes_deleted",
+            "transaction_logs_deleted",
+            "bytes_deleted",
+        )
         return {field: int(getattr(summary, field)) for field in fields}
 
     @contextlib.contextmanager
@@ -374,13 +415,21 @@ def _check_grid(group: zarr.Group, grid: str, ledger: pd.DataFrame) -> list[str]
     if missing:
         return [f"{grid}: missing arrays {missing}"]
     npix = grid_wavelength(grid).size
-    if any(arrays[name].shape[1] != npix for name in ("flux", "error", "mask")) or arrays["wavelength"].shape != (npix,):
+    if any(arrays[name].shape[1] != npix for name in ("flux", "error", "mask")) or arrays["wavelength"].shape != (
+        npix,
+    ):
         problems.append(f"{grid}: pixel axis is not the {npix}-pixel grid")
     ids = pd.Series(plain_strings(arrays["spectrum_id"][:]))
     if ids.duplicated().any():
         problems.append(f"{grid}: {int(ids.duplicated().sum())} duplicate spectrum_id values")
     sha = pd.Series(plain_strings(arrays["file_sha256"][:]))
-    expected = pd.Series(plain_strings(arrays["survey"][:])) + "-" + sha.str[:16] + "-" + pd.Series(arrays["row"][:]).astype(str)
+    expected = (
+        pd.Series(plain_strings(arrays["survey"][:]))
+        + "-"
+        + sha.str[:16]
+        + "-"
+        + pd.Series(arrays["row"][:]).astype(str)
+    )
     if not (ids == expected).all():
         problems.append(f"{grid}: spectrum_id does not match survey-sha256[:16]-row")
     mine = ledger[ledger["grid"] == grid]
