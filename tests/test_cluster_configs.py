@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from distributed import Client
 
 from catalogbuilder.cluster import (
     ClusterConfigError,
     connect,
     load_cluster_config,
+    local_gpu_cluster,
     make_cluster,
     parse_cluster_config,
 )
@@ -83,10 +85,11 @@ def test_local_config_runs_tasks_and_closes() -> None:
 def test_local_gpu_falls_back_to_cpu_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # as on a machine without dask-cuda
     with pytest.warns(UserWarning, match="dask-cuda is not installed.*CPU LocalCluster"):
-        with connect(cluster=CONFIG_DIR / "local-gpu.yaml", workers=1) as client:
-            (info,) = client.scheduler_info()["workers"].values()
-            assert not info.get("resources"), "a CPU fallback worker must not advertise a GPU"
-            assert client.submit(pow, 2, 5).result() == 32
+        cluster = local_gpu_cluster(1, **load_cluster_config(CONFIG_DIR / "local-gpu.yaml").options)
+    with cluster, Client(cluster) as client:
+        (info,) = client.scheduler_info()["workers"].values()
+        assert not info.get("resources"), "a CPU fallback worker must not advertise a GPU"
+        assert client.submit(pow, 2, 5).result() == 32
 
 
 def test_runner_config_options() -> None:
@@ -99,9 +102,8 @@ def test_runner_config_options() -> None:
 def test_runner_outside_slurm_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID"):
         monkeypatch.delenv(variable, raising=False)
-    with pytest.raises(RuntimeError, match="SLURM_PROCID"):
-        with connect(runner="slurm"):
-            pass
+    with pytest.raises(RuntimeError, match="SLURM_PROCID"), connect(runner="slurm"):
+        pass
 
 
 def test_runner_with_three_srun_like_tasks(tmp_path: Path) -> None:

@@ -65,9 +65,9 @@ def models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def client() -> Iterator[Client]:
     """Two single-threaded worker processes (killable, restarted by their nannies)."""
     torch.set_num_threads(1)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as client:
-            yield client
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
 
 
 def write_config(folder: Path, inputs: list[str], models: dict[str, list[str]], **extra: Any) -> Path:
@@ -96,8 +96,8 @@ def assert_same_tables(left: dict[str, pd.DataFrame], right: dict[str, pd.DataFr
                        ignore: list[str] = TIMESTAMP_COLUMNS) -> None:
     """The same tables with the same rows and values in every column except ``ignore``."""
     assert left and sorted(left) == sorted(right)
-    for name in left:
-        pd.testing.assert_frame_equal(left[name].drop(columns=ignore), right[name].drop(columns=ignore),
+    for name, table in left.items():
+        pd.testing.assert_frame_equal(table.drop(columns=ignore), right[name].drop(columns=ignore),
                                       check_exact=True, obj=name)
 
 
