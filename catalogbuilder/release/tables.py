@@ -161,21 +161,26 @@ def reject_rows(rejects: pd.DataFrame) -> pd.DataFrame:
     }).drop_duplicates("spectrum_id")
 
 
-def model_rows(
-    model_name: str, spectra: pd.DataFrame, results: pd.DataFrame, matches: pd.DataFrame, rejects: pd.DataFrame,
-    created: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
-) -> pd.DataFrame:
-    """Every input row of one model, calibrated and flagged: the spectra of the grid(s) the model ran on joined with its
-    results (missing result → NO_RESULT), the cross-match, and the rejected files of the model's surveys."""
-    own = results.loc[results["model_name"] == model_name]
-    grids = set(spectra.loc[spectra["spectrum_id"].isin(own["spectrum_id"]), "grid"])
-    orphans = ~own["spectrum_id"].isin(spectra["spectrum_id"])
+def model_inputs(model_name: str, spectra: pd.DataFrame, results: pd.DataFrame) -> tuple[pd.DataFrame, set[str]]:
+    """The spectra a model answers for — every spectrum of the grid(s) it ran on, or all spectra when ``spectra``
+    has no ``grid`` column — and the surveys whose rejected files belong in its tables."""
+    own_ids = results.loc[results["model_name"] == model_name, "spectrum_id"]
+    orphans = ~own_ids.isin(spectra["spectrum_id"])
     if orphans.any():
         log.warning("%s: %d results have no spectrum in the store and are not released", model_name, int(orphans.sum()))
-    inputs = spectra.loc[spectra["grid"].isin(grids)]
-    surveys = {survey for survey, grid in SURVEY_GRID.items() if grid in grids} | {UNKNOWN_SURVEY}
-    failed = reject_rows(rejects)
-    failed = failed.loc[failed["survey"].isin(surveys)]
+    if "grid" not in spectra.columns:
+        return spectra, set(spectra["survey"])
+    grids = set(spectra.loc[spectra["spectrum_id"].isin(own_ids), "grid"])
+    return spectra.loc[spectra["grid"].isin(grids)], {survey for survey, grid in SURVEY_GRID.items() if grid in grids}
+
+
+def model_rows(
+    model_name: str, inputs: pd.DataFrame, failed: pd.DataFrame, results: pd.DataFrame, matches: pd.DataFrame,
+    created: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
+) -> pd.DataFrame:
+    """Every row of one model, calibrated and flagged: its input spectra and failed files (:func:`reject_rows`)
+    joined with its results (none → NO_RESULT) and the cross-match."""
+    own = results.loc[results["model_name"] == model_name]
     rows = pd.concat([inputs, failed], ignore_index=True)
     rows = rows.merge(own, on="spectrum_id", how="left", validate="one_to_one")
     header_photometry = [name for name in TMASS_COLUMNS if name in rows.columns]  # merged into the cross-match already
@@ -224,12 +229,20 @@ def assemble_release(
     thresholds: FlagThresholds = DEFAULT_THRESHOLDS, created: str | None = None,
 ) -> list[ReleaseTable]:
     """Release tables of every model in ``results``, split by survey and level (combined → allStar, visit → allVisit),
-    rows sorted by ``spectrum_id``. Empty tables are not produced."""
+    rows sorted by ``spectrum_id``. A rejected file is listed by the models of its survey's grid, or by every model
+    when none covers its survey (so no input is ever missing). Empty tables are not produced."""
     created = created or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rejects = rejects if rejects is not None else pd.DataFrame(columns=["file", "sha256", "reason"])
+    models = sorted(results["model_name"].dropna().unique())
+    inputs = {model_name: model_inputs(model_name, spectra, results) for model_name in models}
+    failed = reject_rows(rejects)
+    covered = set().union(*(surveys for _, surveys in inputs.values()))
+    homeless = failed.loc[~failed["survey"].isin(covered)]  # no model covers their survey: listed by every model
     tables = []
-    for model_name in sorted(results["model_name"].dropna().unique()):
-        rows = model_rows(model_name, spectra, results, matches, rejects, created, thresholds)
+    for model_name in models:
+        model_spectra, surveys = inputs[model_name]
+        model_failed = pd.concat([failed.loc[failed["survey"].isin(surveys)], homeless], ignore_index=True)
+        rows = model_rows(model_name, model_spectra, model_failed, results, matches, created, thresholds)
         has_rv = "rv" in results.columns and results.loc[results["model_name"] == model_name, "rv"].notna().any()
         for (survey, kind), group in rows.groupby(["survey", "kind"], sort=True):
             if kind in LEVELS:
