@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CATALOGBUILDER_SHARED", REPO.parent / "shared"))
 APSTAR_NAME = "apStar-dr17-2M17335483-2753043.fits"
 SPECTRA_PER_COPY = 5
-OFFICIAL_APOGEE = dict(in_channels=1, model_dim=4, dim_mults=[1, 2, 4, 8, 16], kernel_size=30, num_targets=3,
-                       adapt_pool_output_dim=1024, num_linear=6, linear_dim=1024, pos_enc=True)
+OFFICIAL_APOGEE = {"in_channels": 1, "model_dim": 4, "dim_mults": [1, 2, 4, 8, 16], "kernel_size": 30, "num_targets": 3,
+                   "adapt_pool_output_dim": 1024, "num_linear": 6, "linear_dim": 1024, "pos_enc": True}
 
 
 def find_apstar() -> Path:

@@ -71,12 +71,10 @@ def test_without_gpus_connect_gives_a_cpu_cluster() -> None:
     with connect(workers=1, gpu="auto") as client:
         assert gpu_workers(client) == []
         assert client.submit(torch.cuda.is_available).result() is False
-    with pytest.warns(UserWarning, match="starting a CPU LocalCluster instead"):
-        with connect(workers=1, gpu=True) as client:
-            assert gpu_workers(client) == []
-    with pytest.raises(ValueError, match="gpu must be"):
-        with connect(workers=1, gpu="yes"):
-            pass
+    with pytest.warns(UserWarning, match="starting a CPU LocalCluster instead"), connect(workers=1, gpu=True) as client:
+        assert gpu_workers(client) == []
+    with pytest.raises(ValueError, match="gpu must be"), connect(workers=1, gpu="yes"):
+        pass
 
 
 def test_a_cuda_request_without_cuda_fails_before_any_task(mixed_cluster: tuple[Client, str, str], tmp_path: Path,

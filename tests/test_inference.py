@@ -123,9 +123,9 @@ PREDICTION_TOLERANCE = 1e-4  # conformance README: predictions within 1e-4 x max
 
 def local_client(workers: int) -> Iterator[Client]:
     """An in-process cluster of single-threaded workers (fast to start; tasks share this process)."""
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        with Client(cluster) as client:
-            yield client
+    with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+          Client(cluster) as client):
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +264,12 @@ def test_results_do_not_depend_on_chunking_or_worker_count(client: Client, store
 
 
 def test_failed_tasks_become_no_result_rows_and_are_retried_by_a_rerun(
-    client: Client, store: Path, small_model: Path, monkeypatch: pytest.MonkeyPatch
+    client: Client, store: Path, small_model: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    clean = Path(shutil.copytree(store, tmp_path / "clean"))
+    run_inference(client, clean, small_model, draws=3, seed=5, progress=False)
+    uninterrupted = ResultsStore.for_store(clean).read().set_index("spectrum_id")
+
     attempts: dict[int, int] = {}
     lock = threading.Lock()
     real_predict_chunk = graph.predict_chunk
@@ -279,7 +283,7 @@ def test_failed_tasks_become_no_result_rows_and_are_retried_by_a_rerun(
         return real_predict_chunk(task, model)
 
     monkeypatch.setattr(graph, "predict_chunk", flaky)
-    report = run_inference(client, store, small_model, draws=0, spectra_per_task=2, retries=1, progress=False)
+    report = run_inference(client, store, small_model, draws=3, seed=5, spectra_per_task=2, retries=1, progress=False)
     assert attempts == {0: 1, 2: 2, 4: 2, 6: 1}
     assert [(start, stop) for start, stop, _ in report.failed_chunks] == [(2, 4)]
     assert "simulated storage error" in report.failed_chunks[0][2]
@@ -291,10 +295,13 @@ def test_failed_tasks_become_no_result_rows_and_are_retried_by_a_rerun(
     assert failed[MODEL_OUTPUT_COLUMNS].isna().all().all()
 
     monkeypatch.setattr(graph, "predict_chunk", real_predict_chunk)
-    retry = run_inference(client, store, small_model, draws=0, spectra_per_task=2, progress=False)
+    retry = run_inference(client, store, small_model, draws=3, seed=5, spectra_per_task=2, progress=False)
     assert (retry.n_skipped, retry.n_ok, retry.n_no_result) == (5, 2, 0)
-    final = ResultsStore.for_store(store).read()
+    final = ResultsStore.for_store(store).read().set_index("spectrum_id").loc[uninterrupted.index]
     assert len(final) == 7 and (final["status"] == STATUS_OK).all()
+    # retried tasks and the rerun give exactly the values of an uninterrupted run
+    for column in MODEL_OUTPUT_COLUMNS:
+        np.testing.assert_array_equal(final[column].to_numpy(), uninterrupted[column].to_numpy(), err_msg=column)
 
 
 def test_non_finite_predictions_are_no_result_rows(client: Client, store: Path, small_model: Path,

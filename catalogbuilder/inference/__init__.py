@@ -5,4 +5,4 @@ stays cheap; use ``from catalogbuilder.inference.graph import run_inference`` to
 """
 from catalogbuilder.inference.results import STATUS_NO_RESULT, STATUS_OK, ResultsStore
 
-__all__ = ["ResultsStore", "STATUS_OK", "STATUS_NO_RESULT"]
+__all__ = ["STATUS_NO_RESULT", "STATUS_OK", "ResultsStore"]

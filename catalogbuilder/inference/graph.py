@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import itertools
 import logging
 import platform
 import time
@@ -213,28 +214,41 @@ def degenerate_rows(flux: np.ndarray) -> np.ndarray:
     return np.ptp(floored, axis=1) == 0
 
 
+def forward_group(model: Any, draws: int) -> int:
+    """Spectra per forward pass of ``model`` (its ``max_batch`` rows hold this many spectra × draws); 1 if unknown."""
+    max_batch = getattr(model, "max_batch", None)
+    return max(1, int(max_batch) // max(draws, 1)) if max_batch else 1
+
+
 def _predict_isolating_failures(
     model: Any, flux: np.ndarray, error: np.ndarray, seeds: np.ndarray, draws: int, batch_size: int
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """``model.predict`` in batches; a batch that raises is redone one spectrum at a time so that only the
-    spectra that really fail lose their result. Returns the value columns and a per-spectrum error text."""
+    spectra that really fail lose their result. Returns the value columns and a per-spectrum error text.
+
+    Every call is padded (with copies of its last spectrum, whose results are dropped) to whole forward passes, so
+    each forward pass has the same shape whatever the chunking: float32 results of a row can depend on the batch
+    shape (conformance README: up to 4e-5), and this keeps results bit-identical across chunkings and retries.
+    """
     columns = value_columns(model.outputs)
     values = {name: np.full(len(flux), np.nan) for name in columns}
     errors = [""] * len(flux)
+    group = forward_group(model, draws)
 
-    def predict_into(rows: slice | list[int]) -> None:
-        predicted = model.predict(flux[rows], error[rows], draws=draws, seeds=seeds[rows])
+    def predict_into(rows: np.ndarray) -> None:
+        padded = np.concatenate([rows, np.repeat(rows[-1:], -len(rows) % group)])
+        predicted = model.predict(flux[padded], error[padded], draws=draws, seeds=seeds[padded])
         for name in columns:
-            values[name][rows] = np.asarray(predicted[name], dtype=np.float64)
+            values[name][rows] = np.asarray(predicted[name], dtype=np.float64)[: len(rows)]
 
     for begin in range(0, len(flux), batch_size):
-        batch = slice(begin, min(begin + batch_size, len(flux)))
+        batch = np.arange(begin, min(begin + batch_size, len(flux)))
         try:
             predict_into(batch)
         except Exception:  # noqa: BLE001 - isolate the failing spectra below, keep the rest of the batch
-            for index in range(batch.start, batch.stop):
+            for index in batch:
                 try:
-                    predict_into([index])
+                    predict_into(np.array([index]))
                 except Exception as exc:  # noqa: BLE001 - recorded as the spectrum's no_result reason
                     errors[index] = f"prediction failed: {type(exc).__name__}: {exc}"
     return values, errors
@@ -334,7 +348,7 @@ def chunk_ranges(n_spectra: int, chunk_sizes: Sequence[int] | None, spectra_per_
         edges = list(range(0, n_spectra, spectra_per_task)) + [n_spectra]
     else:
         edges = list(np.cumsum([0, *(chunk_sizes or [n_spectra])]))
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def gpu_workers(client: Client) -> list[str]:
