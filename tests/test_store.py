@@ -297,3 +297,33 @@ def test_a_store_that_cannot_be_written_fails_cleanly(
     assert main(["ingest", "--store", str(path), "--no-progress", str(shared_data / LAMOST_DR1[1])]) == 2
     assert "nothing was committed: No space left on device" in capsys.readouterr().err
     assert SpectrumStore.open(path).snapshot_id == before and SpectrumStore.open(path).check() == []
+
+
+def test_appends_are_chunk_aligned_across_batches_and_ingests(
+    ingested, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 4-spectrum chunks, two ingests (the second one completing the first one's partial last chunk) store
+    exactly what one ingest with the default chunking stored, and every write but the last of an ingest is whole
+    chunks."""
+    from catalogbuilder.store import spectra
+
+    reference, _ = ingested
+    monkeypatch.setattr(spectra, "SPECTRUM_CHUNK", 4)
+    writes: list[tuple[str, int, int]] = []
+    write = spectra.GridWriter._write
+
+    def recording_write(self, block):
+        writes.append((self.grid, self.length, len(block)))
+        write(self, block)
+
+    monkeypatch.setattr(spectra.GridWriter, "_write", recording_write)
+    store = SpectrumStore.open(tmp_path / "store")
+    store.ingest([shared_data / name for name in INITIAL[:5]], progress=False)
+    store.ingest([shared_data / name for name in INITIAL[5:]], progress=False)
+    assert store.dataset("optical")["flux"].encoding["chunks"] == (4, OPTICAL_NPIX)
+    optical_writes = [(start, n) for grid, start, n in writes if grid == "optical"]
+    assert optical_writes == [(0, 3), (3, 1), (4, 4)]  # ingest 1: flush 3; ingest 2: fill the chunk, then a whole one
+    for grid in ("apogee", "optical"):
+        expected, got = reference.dataset(grid).load(), store.dataset(grid).load()
+        assert expected.drop_vars("ingest_time").identical(got.drop_vars("ingest_time"))
+    assert store.check() == []
