@@ -206,6 +206,11 @@ def test_release_from_a_real_store(conformance_dir: Path, tmp_path: Path, shared
     assert "rv" in pd.read_parquet(out / "boss/boss_small/allStar-boss_small-boss.parquet").columns
     assert {"kiel-apogee_small.png", "kiel-boss_small.png", "summary.csv", "crossmatch.parquet"} <= {p.name for p in out.iterdir()}
     assert main(["release", "--store", str(store_path), "--out", str(out), "--threshold", "snr_max=3"]) == 2
+    matches_path = tmp_path / "matches.parquet"
+    assert main(["crossmatch", "--store", str(store_path), "--out", str(matches_path), "--catalog", str(SHIPPED_CATALOG)]) == 0
+    matches = pd.read_parquet(matches_path)
+    assert set(matches["spectrum_id"]) == stored and set(matches.loc[matches["gaia_matched"], "spectrum_id"]) == set(apogee.index)
+    assert main(["crossmatch", "--store", str(store_path), "--out", str(matches_path), "--column", "gmag"]) == 2
 
 
 def test_release_of_a_store_without_results_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
