@@ -215,3 +215,21 @@ def test_net1_runs_through_the_dask_inference_stage_unchanged(model_dirs, shared
     ok = rows[rows["status"] == "ok"]
     assert len(ok) >= 6  # the all-zero second row of the 1-visit star may be judged degenerate, never lost
     assert np.all(np.isfinite(ok[["teff", "logg", "fe_h", "raw_e_teff"]].to_numpy()))
+
+
+def test_net2_with_real_header_and_gaia_photometry(model_dirs, apstar_spectra, shared_data):
+    import pandas as pd
+
+    from catalogbuilder.photometric.table import join_by_position, read_astronn_gaia
+
+    root, _ = model_dirs
+    spectra, flux, error = apstar_spectra
+    rows = pd.DataFrame({"ra": [s.ra for s in spectra], "dec": [s.dec for s in spectra],
+                         **{f"tmass_{band}": [s.meta[f"tmass_{band}"] for s in spectra] for band in "jhk"}})
+    joined = join_by_position(rows, read_astronn_gaia(shared_data / "gaia" / "astroNN_gaiadr2_apogeedr14_parallax.npz"),
+                              ["parallax", "phot_g_mean_mag"], radius_arcsec=1.0)
+    assert (joined["join_sep_arcsec"] < 0.1).all() and joined["parallax"].notna().all()
+    model = load_model(root / "apogeenet2")
+    result = model.predict(flux, error, draws=4, seeds=range(len(spectra)), photometry=joined)
+    assert np.all(np.isfinite(result["teff"])) and np.all(result["raw_e_teff"] > 0)
+    assert result["missing_photometry"].all()  # the DR2 table has no BP/RP: imputed and marked
