@@ -97,6 +97,9 @@ def run(
     with connect_from_args(args) as client:
         if workflow_file is not None:
             client.upload_file(str(workflow_file))
+            # A scheduler running in this process (local cluster) imports the uploaded copy under the same module
+            # name; import the original again so that the workflow's __file__ (and paths beside it) stay its own.
+            entry = load_workflow(workflow_file)
         log.info("running workflow on %s", client)
         return int(entry(client, workflow_argv) or 0)
 

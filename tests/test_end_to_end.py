@@ -231,10 +231,10 @@ class KillWorkerOnInference(SchedulerPlugin):
 def test_killed_worker_does_not_change_the_tables(
     client: Client, models: dict[str, list[str]], full_run: tuple[Path, Any], tmp_path: Path
 ) -> None:
-    client.register_plugin(KillWorkerOnInference(nth=3))
+    client.register_plugin(KillWorkerOnInference(nth=2))
     plugin = client.cluster.scheduler.plugins[KillWorkerOnInference.name]  # the scheduler runs in this process
     try:
-        result = run(client, write_config(tmp_path, sample_files(), models, inference={"spectra_per_task": 1}))
+        result = run(client, write_config(tmp_path, sample_files(), models, inference={"spectra_per_task": 3}))
     finally:
         client.unregister_scheduler_plugin(KillWorkerOnInference.name)
     assert plugin.killed, "a worker was killed while it held an inference task"

@@ -81,6 +81,14 @@ def test_dask_submit_console_script_with_a_local_cluster(tmp_path: Path) -> None
     assert done.returncode == 3
 
 
+def test_the_workflow_keeps_its_own_file_path(tmp_path: Path, cluster_address: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The in-process scheduler imports the uploaded copy of the file; main must still see the original path."""
+    workflow = _write(tmp_path / "where.py", "def main(client, argv):\n    print('FILE', __file__)\n")
+    assert submit.main([workflow, "--address", cluster_address]) == 0
+    assert f"FILE {workflow}" in capsys.readouterr().out
+
+
 def test_a_workflow_file_runs_as_a_script_too(tmp_path: Path, cluster_address: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     entry = submit.load_workflow(_write(tmp_path / "echo.py", ECHO_WORKFLOW))

@@ -160,7 +160,10 @@ def check_models(config: WorkflowConfig) -> None:
     """Every configured model loads and predicts on the grid it is listed under (fails before any work is done)."""
     for grid, names in config.models.items():
         for name in names:
-            model = load_model(name, device="cpu")
+            try:
+                model = load_model(name, device="cpu")
+            except (FileNotFoundError, ValueError) as error:
+                raise WorkflowConfigError(f"models.{grid}: {error}") from error
             if model.grid != grid:
                 raise WorkflowConfigError(f"model {name!r} predicts on the {model.grid!r} grid, listed under {grid!r}")
 
@@ -242,11 +245,10 @@ def main(client: Client, argv: Sequence[str]) -> int:
     when an inference task failed for good."""
     args = build_parser().parse_args(list(argv))
     try:
-        config = config_from_args(args)
+        result = run_workflow(client, config_from_args(args))
     except WorkflowConfigError as error:
         print(f"dr19: {error}", file=sys.stderr)
         return 2
-    result = run_workflow(client, config)
     print(describe(result))
     return 1 if result.failed_tasks else 0
 

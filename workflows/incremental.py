@@ -52,7 +52,11 @@ def main(client: Client, argv: Sequence[str]) -> int:
     if not config.store.is_dir():
         print(f"incremental: no store at {config.store}; run workflows/dr19.py first (or give --store)", file=sys.stderr)
         return 2
-    result = dr19.run_workflow(client, config)
+    try:
+        result = dr19.run_workflow(client, config)
+    except dr19.WorkflowConfigError as error:
+        print(f"incremental: {error}", file=sys.stderr)
+        return 2
     new_spectra = result.ingest.spectra_added
     predicted = sum(report.n_computed for report in result.inference)
     print(f"incremental: {new_spectra} new spectra ingested, {predicted} predictions computed, "
