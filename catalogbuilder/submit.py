@@ -6,7 +6,8 @@
 The workflow file defines ``main(client, argv) -> int | None`` (:data:`ENTRY_POINT`): ``client`` is the
 ``distributed.Client`` from :func:`catalogbuilder.cluster.connect`, ``argv`` the arguments dask-submit did not
 recognise, in order (everything after a ``--`` is passed on untouched). The file is imported as the module
-named after it (``dr19.py`` -> ``dr19``) here and on the workers. With no cluster option a local CPU
+named after it (``dr19.py`` -> ``dr19``) here and on the workers. With ``-h``/``--help`` among the workflow's
+arguments, ``main(None, argv)`` is called without starting a cluster (a workflow parses its argv first). With no cluster option a local CPU
 cluster is started for the run and closed after it. (The ``dask-submit`` of old distributed releases was
 removed in 2019; this one is catalogbuilder's own.)
 """
@@ -27,6 +28,7 @@ from catalogbuilder.cluster import add_cluster_arguments, connect_from_args
 log = logging.getLogger(__name__)
 
 ENTRY_POINT = "main"
+HELP_OPTIONS = frozenset({"-h", "--help"})
 WorkflowMain = Callable[[Client, list[str]], "int | None"]
 
 
@@ -62,7 +64,7 @@ def build_parser(prog: str = "dask-submit", with_workflow: bool = True) -> argpa
     """Options of dask-submit (``with_workflow=False``: those of a workflow file run as a script)."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0] if with_workflow else f"Run {prog} on a Dask cluster.",
         allow_abbrev=False,  # an abbreviation must never swallow a workflow's own option
         epilog="Arguments not recognised here, and everything after '--', are passed to the workflow's main().",
     )
@@ -94,6 +96,8 @@ def run(
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if HELP_OPTIONS & set(workflow_argv):  # the workflow's own --help needs no cluster
+        return int(entry(None, workflow_argv) or 0)  # type: ignore[arg-type]
     with connect_from_args(args) as client:
         if workflow_file is not None:
             client.upload_file(str(workflow_file))

@@ -112,6 +112,13 @@ def test_a_file_that_is_not_a_workflow_is_refused(tmp_path: Path, name: str, tex
     assert message in capsys.readouterr().err
 
 
+def test_workflow_help_needs_no_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        submit.main([str(WORKFLOWS / "incremental.py"), "--", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: incremental [-h]" in capsys.readouterr().out
+
+
 def test_a_missing_workflow_file_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         submit.main(["no/such/workflow.py"])
