@@ -263,6 +263,18 @@ def test_results_do_not_depend_on_chunking_or_worker_count(client: Client, store
     assert not np.array_equal(changed["teff"].to_numpy(), reference["teff"].to_numpy()), "the seed matters"
 
 
+def test_tasks_follow_the_store_chunks(client: Client, small_model: Path, shared_data: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from catalogbuilder.store import spectra
+
+    monkeypatch.setattr(spectra, "SPECTRUM_CHUNK", 2)  # data chunks of 2 spectra, coordinates in one chunk
+    store = tmp_path / "store"
+    spectra.SpectrumStore.open(store).ingest(sorted((shared_data / "apogee").glob("apStar-*.fits")), progress=False)
+    report = run_inference(client, store, small_model, draws=0, progress=False)
+    assert [(chunk.start, chunk.stop) for chunk in report.chunks] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert report.n_ok == 7
+
+
 def test_failed_tasks_become_no_result_rows_and_are_retried_by_a_rerun(
     client: Client, store: Path, small_model: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -426,7 +426,8 @@ def run_inference(
         batch_size=batch_size,
     )
     tasks = []
-    for start, stop in chunk_ranges(len(spectrum_ids), dataset.chunks.get("spectrum"), spectra_per_task):
+    store_chunks = dataset["flux"].variable.chunksizes.get("spectrum")  # the data's own chunks, not the coordinates
+    for start, stop in chunk_ranges(len(spectrum_ids), store_chunks, spectra_per_task):
         positions = tuple(int(p) for p in np.flatnonzero(pending[start:stop]) + start)
         if positions:
             tasks.append(dataclasses.replace(template, start=start, stop=stop, positions=positions))
