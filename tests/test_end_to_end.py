@@ -268,3 +268,16 @@ def test_new_weights_recompute_exactly_that_models_rows(
             assert (after[name]["weights_sha256"] == new_sha).all()
             assert list(after[name]["spectrum_id"]) == list(before[name]["spectrum_id"])
             assert not np.allclose(after[name]["teff"], before[name]["teff"], equal_nan=True)
+
+
+def test_an_unreadable_file_becomes_a_no_result_row(client: Client, models: dict[str, list[str]], tmp_path: Path) -> None:
+    broken = tmp_path / "spec-0266-51602-0099.fits"  # a BOSS file name with bytes that are not FITS
+    broken.write_bytes(b"SIMPLE  =  not really a FITS file" * 100)
+    boss = sorted(str(path) for path in (SAMPLE_DIR / "boss").glob("spec-*.fits"))
+    result = run(client, write_config(tmp_path / "run", [*boss, str(broken)], models))
+    assert [path for path, _ in result.ingest.rejected] == [str(broken)]
+    rows = pd.concat(read_tables(tmp_path / "run" / "out").values(), ignore_index=True)
+    assert len(rows) == len(boss) + 1
+    failed = rows.loc[rows["file"] == str(broken)].iloc[0]
+    assert failed["status"] == "no_result" and failed["result_flags"] & int(ResultFlag.NO_RESULT)
+    assert failed["flag_bad"] and "rejected at ingest" in failed["reason"] and np.isnan(failed["teff"])
