@@ -333,6 +333,12 @@ def test_non_finite_predictions_are_no_result_rows(client: Client, store: Path, 
     assert np.isfinite(rows["teff"]).all(), "the finite outputs are kept for inspection"
 
 
+def test_a_worker_that_does_not_see_the_store_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="shared filesystem"):
+        graph.open_grid(str(tmp_path / "unmounted" / "store"), "S2SK50P9CW9JW0P4V280", "apogee")
+    assert not (tmp_path / "unmounted").exists()
+
+
 def test_missing_store_is_a_clear_error(client: Client, small_model: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no spectrum store"):
         run_inference(client, tmp_path / "nowhere", small_model, progress=False)

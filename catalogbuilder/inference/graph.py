@@ -334,6 +334,8 @@ def open_grid(store_path: str, snapshot_id: str | None, grid: str) -> Any:
     """The lazy dataset of one grid of the spectrum store at ``store_path``, as of ``snapshot_id``."""
     from catalogbuilder.store.spectra import SpectrumStore
 
+    if not Path(store_path).is_dir():  # SpectrumStore.open would create an empty store here
+        raise FileNotFoundError(f"this worker does not see the store {store_path} (not on a shared filesystem?)")
     dataset = SpectrumStore.open(store_path).dataset(grid, snapshot=snapshot_id)
     if dataset is None:
         raise RuntimeError(f"store {store_path} has no {grid!r} spectra at snapshot {snapshot_id}")
