@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 
 def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--catalog``, ``--radius``, ``--column`` and ``--margin-cache`` (shared with ``catalogbuilder release``)."""
+    """``--catalog``, ``--radius``, ``--column``, ``--epoch``, ``--margin-cache`` and the cluster options (shared with
+    ``catalogbuilder release``)."""
     parser.add_argument("--catalog", action="append", default=[], metavar="FILE_OR_HATS",
                         help="Gaia catalog: FITS/ECSV/VOTable/Parquet/CSV/NPZ file or HATS directory; repeat to give "
                         "fall-backs in priority order (default: none, every spectrum MISSING_PHOTOMETRY)")
@@ -22,6 +23,9 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"match radius in arcsec (default {DEFAULT_RADIUS_ARCSEC:g})")
     parser.add_argument("--column", action="append", default=[], metavar="OUTPUT=CATALOG",
                         help="catalog column for an output column, e.g. phot_g_mean_mag=g (default: gaia_source names)")
+    parser.add_argument("--epoch", type=float, default=None, metavar="YEAR",
+                        help="Julian year of the spectrum positions (e.g. 2000 for 2MASS-based APOGEE positions): catalog "
+                        "sources are first moved there by their proper motions (default: compare positions as given)")
     parser.add_argument("--margin-cache", metavar="DIR", help="HATS margin cache of the catalog (if not in its collection)")
     add_cluster_arguments(parser)
 
@@ -67,7 +71,7 @@ def run_crossmatch(args: argparse.Namespace) -> int:
         columns = catalog_columns(args.column)
         spectra, _, _ = load_store_frames(args.store)
         with cluster_or_local(args):
-            matches = crossmatch(spectra, args.catalog, args.radius, columns, margin_cache=args.margin_cache)
+            matches = crossmatch(spectra, args.catalog, args.radius, columns, margin_cache=args.margin_cache, epoch=args.epoch)
     except (ValueError, FileNotFoundError) as error:
         print(f"crossmatch: {error}", file=sys.stderr)
         return 2

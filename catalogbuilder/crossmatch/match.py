@@ -7,7 +7,8 @@ Two engines give the same answer — the nearest catalog source within ``radius_
 * ``hats`` for Gaia-scale catalogs stored as HATS (HEALPix-partitioned Parquet): ``lsdb`` cross-matches partition by
   partition as a Dask graph, on the Dask client that is active (or the local scheduler).
 
-Positions are compared as given (no proper-motion propagation between the spectrum and catalog epochs).
+Positions are compared as given, or — with ``epoch`` — after moving the catalog sources by their proper motions from
+the catalog epoch (``ref_epoch``, Gaia DR3: 2016.0) to the epoch of the spectrum positions.
 2MASS magnitudes come from the spectrum headers (``tmass_*`` store coordinates) and, where those are missing, from the
 matched catalog row. Photometric completeness is recorded per spectrum in ``n_bands`` and ``missing_bands``.
 """
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from astropy.table import Table
 
 DEFAULT_RADIUS_ARCSEC: float = 1.0
+GAIA_DR3_EPOCH: float = 2016.0  # Julian year of gaia_source positions, used where a catalog has no ref_epoch
+MOTION_COLUMNS: tuple[str, ...] = ("pmra", "pmdec", "ref_epoch")  # mas/yr (pmra = mu_alpha* cos dec), mas/yr, Julian yr
 SENTINEL_MAX: float = -999.0  # catalog values at or below this are missing-value sentinels (-9999, -9999.99)
 GAIA_COLUMNS: tuple[str, ...] = ("phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "parallax", "parallax_error")
 TMASS_COLUMNS: tuple[str, ...] = ("tmass_j", "tmass_h", "tmass_k", "e_tmass_j", "e_tmass_h", "e_tmass_k")
@@ -59,6 +62,9 @@ class CatalogColumns:
     e_tmass_j: str = "j_msigcom"
     e_tmass_h: str = "h_msigcom"
     e_tmass_k: str = "ks_msigcom"
+    pmra: str = "pmra"  # mas/yr, mu_alpha* = mu_alpha cos(dec)
+    pmdec: str = "pmdec"  # mas/yr
+    ref_epoch: str = "ref_epoch"  # Julian year of the catalog position
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, str]) -> CatalogColumns:
@@ -69,8 +75,8 @@ class CatalogColumns:
         return dataclasses.replace(cls(), **mapping)
 
     def value_fields(self) -> list[str]:
-        """Output names of the photometric/astrometric values taken from the catalog."""
-        return list(GAIA_COLUMNS + TMASS_COLUMNS)
+        """Output names of the values taken from the catalog (photometry, astrometry, proper motion, epoch)."""
+        return list(GAIA_COLUMNS + TMASS_COLUMNS + MOTION_COLUMNS)
 
 
 def _resolve_field(names: Sequence[str], columns: CatalogColumns, field: str) -> str | None:
@@ -143,6 +149,43 @@ def _with_positions(catalog: pd.DataFrame) -> pd.DataFrame:
     return catalog.loc[np.isfinite(catalog["ra"]) & np.isfinite(catalog["dec"])].reset_index(drop=True)
 
 
+def propagate_positions(
+    catalog: pd.DataFrame, epoch: float, ra: str = "ra", dec: str = "dec", pmra: str = "pmra", pmdec: str = "pmdec",
+    ref_epoch: str = "ref_epoch", catalog_epoch: float = GAIA_DR3_EPOCH,
+) -> pd.DataFrame:
+    """A copy of ``catalog`` with ``ra``/``dec`` (deg) moved by each row's proper motion from its ``ref_epoch``
+    (``catalog_epoch`` where absent) to ``epoch`` (Julian years), with astropy's ``apply_space_motion``. Rows without a
+    finite proper motion keep their position; missing columns mean no motion."""
+    import warnings
+
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+    from astropy.time import Time
+    from erfa import ErfaWarning
+
+    def values(name: str, default: float) -> np.ndarray:
+        return _as_float(catalog[name]) if name in catalog.columns else np.full(len(catalog), default)
+
+    motion_ra, motion_dec = values(pmra, np.nan), values(pmdec, np.nan)
+    start = values(ref_epoch, catalog_epoch)
+    start[~np.isfinite(start)] = catalog_epoch
+    moving = np.isfinite(motion_ra) & np.isfinite(motion_dec) & (start != epoch)
+    moved = catalog.copy()
+    if not moving.any():
+        return moved
+    coords = SkyCoord(
+        ra=_as_float(catalog[ra])[moving] * u.deg, dec=_as_float(catalog[dec])[moving] * u.deg,
+        pm_ra_cosdec=motion_ra[moving] * u.mas / u.yr, pm_dec=motion_dec[moving] * u.mas / u.yr,
+        obstime=Time(start[moving], format="jyear"),
+    )
+    with warnings.catch_warnings():  # no distances: ERFA notes that it assumes a large one, which is what we want
+        warnings.simplefilter("ignore", ErfaWarning)
+        at_epoch = coords.apply_space_motion(new_obstime=Time(epoch, format="jyear"))
+    moved.loc[moving, ra] = at_epoch.ra.deg
+    moved.loc[moving, dec] = at_epoch.dec.deg
+    return moved
+
+
 def is_hats_catalog(path: str | Path) -> bool:
     """True when ``path`` is a HATS catalog or collection directory (it holds a ``*properties`` file)."""
     path = Path(path)
@@ -173,18 +216,21 @@ def nearest_astropy(ra: np.ndarray, dec: np.ndarray, catalog: pd.DataFrame, radi
 
 def match_hats(
     ra: np.ndarray, dec: np.ndarray, hats_path: str | Path, radius_arcsec: float,
-    columns: CatalogColumns = CatalogColumns(), margin_cache: str | Path | None = None,
+    columns: CatalogColumns = CatalogColumns(), margin_cache: str | Path | None = None, epoch: float | None = None,
 ) -> pd.DataFrame:
     """Nearest source of a HATS catalog (or collection) for each position with lsdb, computed on the active Dask
     client. Returns one row per position, in order, with the normalised catalog columns and ``sep_arcsec``
-    (unmatched: NaN values, null ``source_id``). Give the catalog a margin cache of at least ``radius_arcsec`` so
-    sources just across a partition border are found."""
+    (unmatched: NaN values, null ``source_id``). Give the catalog a margin cache of at least ``radius_arcsec`` (plus
+    the largest proper-motion shift when ``epoch`` is set) so sources just across a partition border are found."""
     import lsdb
 
     names = list(lsdb.open_catalog(hats_path, margin_cache=margin_cache).columns)
     fields = ["ra", "dec", "source_id", *columns.value_fields()]
     selected = sorted({found for field in fields if (found := _resolve_field(names, columns, field)) is not None})
     right = lsdb.open_catalog(hats_path, columns=selected, margin_cache=margin_cache)
+    if epoch is not None:  # partitions and their margins move their sources to the spectra's epoch
+        motion = {name: found for name in ("ra", "dec", *MOTION_COLUMNS) if (found := _resolve_field(names, columns, name))}
+        right = right.map_partitions(propagate_positions, epoch, **motion)
     valid = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
     matched = pd.DataFrame({"position_spec": pd.Series(dtype=np.int64), "_dist_arcsec": pd.Series(dtype=float)})
     if len(valid):
@@ -203,18 +249,19 @@ def match_hats(
 
 def match_catalog(
     ra: np.ndarray, dec: np.ndarray, catalog: str | Path | pd.DataFrame, radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
-    columns: CatalogColumns = CatalogColumns(), margin_cache: str | Path | None = None,
+    columns: CatalogColumns = CatalogColumns(), margin_cache: str | Path | None = None, epoch: float | None = None,
 ) -> pd.DataFrame:
     """Nearest-source match of positions (deg) against one catalog: a normalised DataFrame, a small catalog file, or a
-    HATS directory (lsdb). One row per position, in order, with ``source_id``, ``sep_arcsec`` and the value columns."""
+    HATS directory (lsdb). With ``epoch`` (Julian year of the positions) catalog positions are first moved there by
+    their proper motions. One row per position, in order, with ``source_id``, ``sep_arcsec`` and the value columns."""
     ra = np.asarray(ra, dtype=float)
     dec = np.asarray(dec, dtype=float)
     if radius_arcsec <= 0 or not np.isfinite(radius_arcsec):
         raise ValueError(f"cross-match radius must be a positive number of arcsec, got {radius_arcsec}")
     if not isinstance(catalog, pd.DataFrame) and is_hats_catalog(catalog):
-        return match_hats(ra, dec, catalog, radius_arcsec, columns, margin_cache)
+        return match_hats(ra, dec, catalog, radius_arcsec, columns, margin_cache, epoch)
     table = normalise_catalog(catalog, columns) if isinstance(catalog, pd.DataFrame) else read_catalog(catalog, columns)
-    table = _with_positions(table)
+    table = _with_positions(table if epoch is None else propagate_positions(table, epoch))
     index, separation = nearest_astropy(ra, dec, table, radius_arcsec)
     matched = table.reindex(np.where(index >= 0, index, -1)).reset_index(drop=True)  # -1 is absent: an all-NaN row
     matched["sep_arcsec"] = separation
@@ -235,12 +282,13 @@ def band_completeness(frame: pd.DataFrame, required: Sequence[str] = REQUIRED_BA
 def crossmatch(
     spectra: pd.DataFrame, catalogs: Sequence[str | Path | pd.DataFrame] = (), radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
     columns: CatalogColumns = CatalogColumns(), required_bands: Sequence[str] = REQUIRED_BANDS,
-    margin_cache: str | Path | None = None,
+    margin_cache: str | Path | None = None, epoch: float | None = None,
 ) -> pd.DataFrame:
     """Cross-match table of the spectra (columns ``spectrum_id``, ``ra``, ``dec`` in deg, optional header ``tmass_*``):
     one row per spectrum with the :data:`MATCH_COLUMNS`. Catalogs are tried in the given order; a spectrum takes its
     counterpart from the first catalog that has one within the radius (``xmatch_catalog`` names it). 2MASS values
-    from the header win over catalog values. With no catalog every spectrum is unmatched (MISSING_PHOTOMETRY)."""
+    from the header win over catalog values. With no catalog every spectrum is unmatched (MISSING_PHOTOMETRY).
+    ``epoch``: Julian year of the spectrum positions (e.g. 2000.0 for 2MASS-based ones); None compares as given."""
     ra = spectra["ra"].to_numpy(float)
     dec = spectra["dec"].to_numpy(float)
     output = pd.DataFrame({"spectrum_id": spectra["spectrum_id"].astype(str).to_numpy()})
@@ -255,7 +303,7 @@ def crossmatch(
         if not pending.any():
             break
         rows = np.flatnonzero(pending)  # later catalogs only see the spectra still without a counterpart
-        found = match_catalog(ra[rows], dec[rows], catalog, radius_arcsec, columns, margin_cache)
+        found = match_catalog(ra[rows], dec[rows], catalog, radius_arcsec, columns, margin_cache, epoch)
         hit = np.isfinite(found["sep_arcsec"].to_numpy(float))
         take, found = rows[hit], found.loc[hit]
         output.loc[take, "gaia_matched"] = True

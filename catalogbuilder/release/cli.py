@@ -52,7 +52,9 @@ def run_release(args: argparse.Namespace) -> int:
         columns = catalog_columns(args.column)
         thresholds = flag_thresholds(args.threshold)
         with cluster_or_local(args):
-            tables = build_release(args.store, args.out, args.catalog, args.radius, columns, thresholds, args.margin_cache)
+            tables = build_release(
+                args.store, args.out, args.catalog, args.radius, columns, thresholds, args.margin_cache, args.epoch
+            )
     except (ValueError, FileNotFoundError) as error:
         print(f"release: {error}", file=sys.stderr)
         return 2

@@ -265,6 +265,7 @@ def header_cards(table: ReleaseTable, thresholds: FlagThresholds, provenance: di
         ("NROWS", len(rows), "rows, one per input spectrum"),
         ("XRADIUS", float(provenance["radius_arcsec"]), "[arcsec] cross-match radius"),
         ("XCATALOG", provenance["catalogs"], "cross-match catalogs, in priority order"),
+        ("XEPOCH", provenance.get("epoch", "as given"), "catalog positions moved to this Julian year"),
     ]
     descriptions = thresholds.describe(REQUIRED_BANDS)
     for bit in ResultFlag:
@@ -337,19 +338,21 @@ def load_store_frames(store_path: str | Path) -> tuple[pd.DataFrame, pd.DataFram
 def build_release(
     store_path: str | Path, out_dir: str | Path, catalogs: Sequence[str | Path] = (), radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
     columns: CatalogColumns = DEFAULT_COLUMNS, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
-    margin_cache: str | Path | None = None,
+    margin_cache: str | Path | None = None, epoch: float | None = None,
 ) -> list[ReleaseTable]:
-    """Cross-match, calibrate, flag and write every release table of the store at ``store_path`` into ``out_dir``,
-    plus ``crossmatch.parquet`` and the summary (``summary.json``, ``kiel-<model>.png``). Returns the tables."""
+    """Cross-match (``epoch``: see :func:`~catalogbuilder.crossmatch.match.crossmatch`), calibrate, flag and write every
+    release table of the store at ``store_path`` into ``out_dir``, plus ``crossmatch.parquet`` and the summary
+    (``summary.csv``/``summary.json``, ``kiel-<model>.png``). Returns the tables."""
     from catalogbuilder.release.summary import write_summary
 
     spectra, results, rejects = load_store_frames(store_path)
     if results.empty:
         raise ValueError(f"{store_path} holds no results: run inference before the release")
-    matches = crossmatch(spectra, catalogs, radius_arcsec, columns, margin_cache=margin_cache)
+    matches = crossmatch(spectra, catalogs, radius_arcsec, columns, margin_cache=margin_cache, epoch=epoch)
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     tables = assemble_release(spectra, results, matches, rejects, thresholds, created)
-    provenance = {"created": created, "radius_arcsec": str(radius_arcsec), "catalogs": ",".join(Path(c).name for c in catalogs)}
+    provenance = {"created": created, "radius_arcsec": str(radius_arcsec), "catalogs": ",".join(Path(c).name for c in catalogs),
+                  "epoch": "as given" if epoch is None else f"{epoch:g}"}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     matches.to_parquet(out_dir / "crossmatch.parquet", index=False)
