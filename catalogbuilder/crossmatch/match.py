@@ -222,7 +222,10 @@ def match_hats(
     client. Returns one row per position, in order, with the normalised catalog columns and ``sep_arcsec``
     (unmatched: NaN values, null ``source_id``). Give the catalog a margin cache of at least ``radius_arcsec`` (plus
     the largest proper-motion shift when ``epoch`` is set) so sources just across a partition border are found."""
-    import lsdb
+    try:
+        import lsdb
+    except ImportError as error:
+        raise ValueError(f"{hats_path} is a HATS catalog, which needs lsdb: pip install 'catalogbuilder[hats]'") from error
 
     names = list(lsdb.open_catalog(hats_path, margin_cache=margin_cache).columns)
     fields = ["ra", "dec", "source_id", *columns.value_fields()]
