@@ -225,3 +225,10 @@ def test_proper_motion_brings_gaia_2016_positions_to_j2000(shared_data: Path, tm
     lsdb = pytest.importorskip("lsdb")
     lsdb.from_dataframe(read_catalog(path), ra_column="ra", dec_column="dec").write_catalog(tmp_path / "gbs")
     pd.testing.assert_frame_equal(match_catalog(ra, dec, tmp_path / "gbs", epoch=2000.0), moved, check_exact=False, atol=1e-9)
+
+
+def test_hats_directory_without_lsdb_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "properties").write_text("dataset_type=object\n")
+    monkeypatch.setitem(__import__("sys").modules, "lsdb", None)  # as on an install without the [hats] extra
+    with pytest.raises(ValueError, match=r"needs lsdb"):
+        match_catalog(np.array([1.0]), np.array([2.0]), tmp_path)
