@@ -1,6 +1,7 @@
 """Cross-match on real Gaia rows (astroquery DR3, Gaia benchmark stars, astroNN APOGEE x DR2) and at scale."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -229,6 +230,6 @@ def test_proper_motion_brings_gaia_2016_positions_to_j2000(shared_data: Path, tm
 
 def test_hats_directory_without_lsdb_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "properties").write_text("dataset_type=object\n")
-    monkeypatch.setitem(__import__("sys").modules, "lsdb", None)  # as on an install without the [hats] extra
+    monkeypatch.setitem(sys.modules, "lsdb", None)  # as on an install without the [hats] extra
     with pytest.raises(ValueError, match=r"needs lsdb"):
         match_catalog(np.array([1.0]), np.array([2.0]), tmp_path)
