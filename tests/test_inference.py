@@ -157,11 +157,11 @@ def store(ingested_store: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(ingested_store, tmp_path / "store"))
 
 
-def store_rows(store_path: Path, shared_data: Path) -> pd.DataFrame:
-    """spectrum_id → conformance input name (``apogee/<file>[row]``) of every spectrum in the store."""
+def store_rows(store_path: Path, shared_data: Path, grid: str) -> pd.DataFrame:
+    """spectrum_id → conformance input name (``<survey folder>/<file>[row]``) of every spectrum of a grid."""
     from catalogbuilder.store.spectra import SpectrumStore
 
-    dataset = SpectrumStore.open(store_path).dataset("apogee")
+    dataset = SpectrumStore.open(store_path).dataset(grid)
     return pd.DataFrame({
         "spectrum_id": graph.as_str_array(dataset["spectrum_id"].values),
         "name": [f"{Path(path).relative_to(shared_data)}[{row}]"
@@ -183,35 +183,48 @@ def test_chunk_ranges_and_degenerate_rows() -> None:
     assert degenerate_rows(flux).tolist() == [True, True, True, False]
 
 
+@pytest.mark.parametrize("config", ["apogee_small", "boss_small"])
 def test_inference_reproduces_the_reference_and_a_rerun_does_nothing(
-    client: Client, store: Path, small_model: Path, shared_data: Path, conformance_dir: Path
+    client: Client, config: str, shared_data: Path, conformance_dir: Path, tmp_path: Path
 ) -> None:
-    report = run_inference(client, store, small_model, draws=0, progress=False)
-    assert (report.n_spectra, report.n_skipped, report.n_ok, report.n_no_result) == (7, 0, 7, 0)
-    assert report.n_degenerate == 1 and not report.failed_chunks
+    """Ingest the reference inputs of a conformance config, infer without draws: the reference predictions."""
+    from catalogbuilder.store.spectra import SpectrumStore
 
-    results = ResultsStore.for_store(store).read("apogee_small").merge(store_rows(store, shared_data), on="spectrum_id")
-    assert len(results) == 7 and results["spectrum_id"].is_unique
-    vectors = np.load(conformance_dir / "apogee_small" / "vectors.npz")
+    model_dir = conformance_dir / config
+    vectors = np.load(model_dir / "vectors.npz")
+    names = [str(name) for name in vectors["names"]]
+    files = sorted({shared_data / name.rsplit("[", 1)[0] for name in names})
+    store = tmp_path / "store"
+    SpectrumStore.open(store).ingest(files, progress=False)
+
+    report = run_inference(client, store, model_dir, draws=0, progress=False)
+    assert (report.n_skipped, report.n_ok, report.n_no_result) == (0, report.n_spectra, 0)
+    assert report.n_degenerate == int(vectors["degenerate"].sum()) and not report.failed_chunks
+
+    results = ResultsStore.for_store(store).read(config)
+    results = results.merge(store_rows(store, shared_data, report.grid), on="spectrum_id")
+    assert len(results) == report.n_spectra >= len(names) and results["spectrum_id"].is_unique
     reference = pd.DataFrame(vectors["predictions"], columns=[f"ref_{n}" for n in vectors["param_names"]])
-    reference["name"] = [str(n) for n in vectors["names"]]
+    reference["name"] = names
     reference["degenerate"] = vectors["degenerate"]
     joined = results.merge(reference, on="name", validate="one_to_one")
-    for ours, theirs in (("logg", "logg"), ("logteff", "logTeff"), ("fe_h", "FeH")):
-        theirs = joined[f"ref_{theirs}"]
-        deviation = np.abs(joined[ours] - theirs) / np.maximum(1.0, np.abs(theirs))
-        assert deviation.max() <= PREDICTION_TOLERANCE, f"{ours} deviates by {deviation.max():.2e}"
+    assert len(joined) == len(names)
+    canonical = {"logg": "logg", "logTeff": "logteff", "FeH": "fe_h", "rv": "rv"}
+    for label in (str(n) for n in vectors["param_names"]):
+        ours, theirs = joined[canonical[label]], joined[f"ref_{label}"]
+        deviation = np.abs(ours - theirs) / np.maximum(1.0, np.abs(theirs))
+        assert deviation.max() <= PREDICTION_TOLERANCE, f"{label} deviates by {deviation.max():.2e}"
     np.testing.assert_allclose(joined["teff"], 10 ** joined["logteff"], rtol=1e-12)
     assert (joined["status"] == STATUS_OK).all()
-    assert ((joined["reason"] != "") == joined["degenerate"]).all(), "only the all-zero row is flagged degenerate"
-    assert joined[[c for c in MODEL_OUTPUT_COLUMNS if c.startswith("raw_e_")]].isna().all().all(), "no draws: no errors"
+    assert ((joined["reason"] != "") == joined["degenerate"]).all(), "only constant inputs are flagged degenerate"
+    assert joined[[c for c in joined.columns if c.startswith("raw_e_")]].isna().all().all(), "no draws: no errors"
     assert (joined["n_draws"] == 0).all() and (joined["seed"] == 0).all()
-    weights = hashlib.sha256(b"".join((small_model / f"model_chunk_{i}").read_bytes() for i in range(10))).hexdigest()
+    weights = hashlib.sha256(b"".join((model_dir / f"model_chunk_{i}").read_bytes() for i in range(10))).hexdigest()
     assert (joined["weights_sha256"] == weights).all()
 
     parts = part_files(store)
-    again = run_inference(client, store, small_model, draws=0, progress=False)
-    assert (again.n_skipped, again.n_computed, len(again.chunks)) == (7, 0, 0)
+    again = run_inference(client, store, model_dir, draws=0, progress=False)
+    assert (again.n_skipped, again.n_computed, len(again.chunks)) == (report.n_spectra, 0, 0)
     assert part_files(store) == parts, "a rerun writes nothing"
 
 
