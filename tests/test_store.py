@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -307,7 +308,7 @@ def test_appends_are_chunk_aligned_across_batches_and_ingests(
     chunks."""
     from catalogbuilder.store import spectra
 
-    reference, _ = ingested
+    reference, first_ingest = ingested
     monkeypatch.setattr(spectra, "SPECTRUM_CHUNK", 4)
     writes: list[tuple[str, int, int]] = []
     write = spectra.GridWriter._write
@@ -324,6 +325,17 @@ def test_appends_are_chunk_aligned_across_batches_and_ingests(
     optical_writes = [(start, n) for grid, start, n in writes if grid == "optical"]
     assert optical_writes == [(0, 3), (3, 1), (4, 4)]  # ingest 1: flush 3; ingest 2: fill the chunk, then a whole one
     for grid in ("apogee", "optical"):
-        expected, got = reference.dataset(grid).load(), store.dataset(grid).load()
+        expected, got = reference.dataset(grid, snapshot=first_ingest.snapshot_id).load(), store.dataset(grid).load()
         assert expected.drop_vars("ingest_time").identical(got.drop_vars("ingest_time"))
     assert store.check() == []
+
+
+def test_a_file_rewritten_between_hashing_and_reading_is_rejected(shared_data: Path, tmp_path: Path) -> None:
+    from catalogbuilder.store.ingest import hash_file, load_file
+
+    path = Path(shutil.copy(shared_data / LAMOST_DR1[0], tmp_path / "moving.fits"))
+    hashed = hash_file(str(path))
+    assert load_file(hashed.path, hashed.sha256, hashed.signature, "auto", "now").reason is None
+    os.utime(path, ns=(hashed.signature[1], hashed.signature[1] + 1_000_000_000))  # rewritten one second later
+    result = load_file(hashed.path, hashed.sha256, hashed.signature, "auto", "now")
+    assert result.blocks == [] and "changed while being ingested" in result.reason

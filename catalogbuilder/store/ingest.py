@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -82,11 +83,12 @@ def expand_inputs(items: Iterable[str | Path]) -> list[str]:
 # --- worker side ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class HashResult:
-    """SHA-256 of a file's bytes, or why it could not be read."""
+    """SHA-256 of a file's bytes and its (size, mtime in ns) when hashed, or why it could not be read."""
 
     path: str
     sha256: str
     reason: str | None = None
+    signature: tuple[int, int] = (0, 0)
 
 
 @dataclasses.dataclass
@@ -99,10 +101,17 @@ class FileResult:
     reason: str | None = None
 
 
+def file_signature(path: str) -> tuple[int, int]:
+    """(size in bytes, modification time in ns): changes whenever the file is rewritten."""
+    status = os.stat(path)
+    return status.st_size, status.st_mtime_ns
+
+
 def hash_file(path: str) -> HashResult:
     """Hash one file (worker task); an unreadable path gives an empty checksum and the OS error as reason."""
     try:
-        return HashResult(path, file_sha256(path))
+        signature = file_signature(path)
+        return HashResult(path, file_sha256(path), signature=signature)
     except OSError as error:
         return HashResult(path, "", f"cannot read file: {error}")
 
@@ -114,15 +123,16 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def load_file(path: str, sha256: str, survey: str, ingest_time: str) -> FileResult:
-    """Read and resample one file (worker task). Any exception becomes a rejection reason; never raises."""
+def load_file(path: str, sha256: str, signature: tuple[int, int], survey: str, ingest_time: str) -> FileResult:
+    """Read and resample one file (worker task) hashed as ``sha256`` when its size and mtime were ``signature``.
+    Any exception becomes a rejection reason; never raises."""
     try:
         spectra = read_spectra(path, survey=survey)
         if not spectra:
             raise ReaderError("the reader returned no spectra")
         blocks = spectra_to_blocks(spectra, path, sha256, ingest_time)
-        if file_sha256(path) != sha256:
-            raise ReaderError("file changed while being ingested")
+        if file_signature(path) != tuple(signature):
+            raise ReaderError("file changed while being ingested (size or modification time differ from when hashed)")
     except Exception as error:  # noqa: BLE001 - every failure of a file is recorded as a reject, never fatal
         return FileResult(path, sha256, [], describe_error(error))
     return FileResult(path, sha256, blocks)
@@ -383,7 +393,7 @@ def _write_session(
     state = _store_state(session)
     new_rejects: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
-    to_read: list[tuple[str, str]] = []
+    to_read: list[HashResult] = []
     for item in hashes:
         if item.reason is not None:
             new_rejects.append(_reject_row(item.path, item.sha256, item.reason))
@@ -397,13 +407,13 @@ def _write_session(
             report.previously_rejected.append((item.path, state.rejected[item.sha256, READER_VERSION]))
         else:
             seen[item.sha256] = item.path
-            to_read.append((item.path, item.sha256))
+            to_read.append(item)
 
     writers = {grid: GridWriter(session.store, grid, state.lengths[grid]) for grid in GRIDS}
     new_files: list[dict[str, Any]] = []
     task = functools.partial(_load_task, survey=survey, ingest_time=ingest_time)
     results = map_in_order(
-        task, to_read, client, batch, lambda item, error: FileResult(*item, [], describe_error(error))
+        task, to_read, client, batch, lambda item, error: FileResult(item.path, item.sha256, [], describe_error(error))
     )
     for result in tqdm(results, total=len(to_read), desc="ingesting", unit="file", disable=not progress or not to_read):
         if result.reason is not None:
@@ -433,9 +443,9 @@ def _write_session(
     return new_files, new_rejects
 
 
-def _load_task(item: tuple[str, str], survey: str, ingest_time: str) -> FileResult:
-    """``load_file`` on a (path, sha256) pair: the unit of work sent to the workers."""
-    return load_file(item[0], item[1], survey, ingest_time)
+def _load_task(item: HashResult, survey: str, ingest_time: str) -> FileResult:
+    """``load_file`` on a hashed file: the unit of work sent to the workers."""
+    return load_file(item.path, item.sha256, item.signature, survey, ingest_time)
 
 
 def _reject_row(path: str, sha256: str, reason: str) -> dict[str, Any]:

@@ -121,12 +121,16 @@ class GridBlock:
         )
 
     def split(self, n: int) -> tuple[GridBlock, GridBlock]:
-        """The first ``n`` rows and the rest."""
+        """The first ``n`` rows (views) and a copy of the rest, so a kept tail does not pin the whole block."""
         head = GridBlock(
             self.grid, self.flux[:n], self.error[:n], self.mask[:n], {k: v[:n] for k, v in self.coords.items()}
         )
         tail = GridBlock(
-            self.grid, self.flux[n:], self.error[n:], self.mask[n:], {k: v[n:] for k, v in self.coords.items()}
+            self.grid,
+            self.flux[n:].copy(),
+            self.error[n:].copy(),
+            self.mask[n:].copy(),
+            {k: v[n:].copy() for k, v in self.coords.items()},
         )
         return head, tail
 
