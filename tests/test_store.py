@@ -339,3 +339,17 @@ def test_a_file_rewritten_between_hashing_and_reading_is_rejected(shared_data: P
     os.utime(path, ns=(hashed.signature[1], hashed.signature[1] + 1_000_000_000))  # rewritten one second later
     result = load_file(hashed.path, hashed.sha256, hashed.signature, "auto", "now")
     assert result.blocks == [] and "changed while being ingested" in result.reason
+
+
+def test_cli_uses_dask_when_asked_or_for_large_inputs() -> None:
+    from catalogbuilder.cli import build_parser
+    from catalogbuilder.store.cli import SERIAL_MAX_FILES, _wants_cluster
+
+    parser = build_parser()
+    plain = parser.parse_args(["ingest", "--store", "s", "a.fits"])
+    assert not _wants_cluster(plain, SERIAL_MAX_FILES) and _wants_cluster(plain, SERIAL_MAX_FILES + 1)
+    assert _wants_cluster(parser.parse_args(["ingest", "--store", "s", "--workers", "2", "a.fits"]), 1)
+    assert _wants_cluster(parser.parse_args(["ingest", "--store", "s", "--address", "tcp://h:8786", "a.fits"]), 1)
+    assert not _wants_cluster(
+        parser.parse_args(["ingest", "--store", "s", "--serial", "a.fits"]), 10 * SERIAL_MAX_FILES
+    )

@@ -70,7 +70,7 @@ def _wants_cluster(args: argparse.Namespace, n_files: int) -> bool:
     """Dask when asked for (any cluster option) or when the input is large; never with ``--serial``."""
     if args.serial:
         return False
-    asked = any(getattr(args, name, None) for name in ("cluster", "scheduler_file", "address", "workers"))
+    asked = any(getattr(args, name, None) for name in ("cluster", "scheduler_file", "address", "runner", "workers"))
     return asked or n_files > SERIAL_MAX_FILES
 
 
