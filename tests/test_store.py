@@ -353,3 +353,20 @@ def test_cli_uses_dask_when_asked_or_for_large_inputs() -> None:
     assert not _wants_cluster(
         parser.parse_args(["ingest", "--store", "s", "--serial", "a.fits"]), 10 * SERIAL_MAX_FILES
     )
+
+
+def test_ingest_of_the_shipped_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs in any clone (no ../shared): every shipped sample file is ingested, apVisit included."""
+    import catalogbuilder
+
+    sample = Path(catalogbuilder.__file__).parent / "data" / "sample"
+    folders = [str(sample / sub) for sub in ("apogee", "boss", "lamost/dr6_dr7", "lamost/dr1")]
+    store = tmp_path / "store"
+    assert main(["ingest", "--store", str(store), "--no-progress", *folders]) == 0
+    assert "rejected 0 files" in capsys.readouterr().out
+    info = SpectrumStore.open(store).info()
+    assert info["grids"]["apogee"]["by_survey_kind"] == {"apogee/combined": 2, "apogee/visit": 1}
+    assert info["grids"]["optical"]["by_survey_kind"] == {"boss/combined": 2, "lamost/combined": 10}
+    assert info["files"] == 14 and SpectrumStore.open(store).check() == []
+    assert main(["ingest", "--store", str(store), "--no-progress", *folders]) == 0
+    assert "added 0 spectra" in capsys.readouterr().out and SpectrumStore.open(store).info()["snapshots"] == 2
