@@ -50,6 +50,7 @@ MAGNITUDE_COLUMNS = frozenset(
 NUMERIC_COLUMNS = tuple(name for name in COLUMN_ALIASES if name != "object_id")
 SENTINEL_BELOW = -999.0  # -9999, -999999 … mean "no measurement"
 MAGNITUDE_SENTINEL_ABOVE = 99.0  # 99.99 etc.
+MAX_MAGNITUDE_ERROR = 1.0  # mag; larger errors (2MASS 9.995 for upper limits) mark the magnitude as not measured
 
 
 class PhotometricTableError(ValueError):
@@ -82,6 +83,9 @@ def _read_any(path: Path) -> pd.DataFrame:
 def canonicalize(frame: pd.DataFrame) -> pd.DataFrame:
     """Rename known columns to canonical names, turn sentinels into NaN, keep unknown columns as they are.
 
+    A magnitude whose error exceeds :data:`MAX_MAGNITUDE_ERROR` (the 2MASS 9.995 convention of upper limits) is not a
+    measurement: both become NaN.
+
     The first column (in :data:`COLUMN_ALIASES` order of spellings) that matches wins; others are left untouched.
     """
     by_key: dict[str, str] = {}
@@ -105,6 +109,12 @@ def canonicalize(frame: pd.DataFrame) -> pd.DataFrame:
         if name in MAGNITUDE_COLUMNS:
             bad |= values >= MAGNITUDE_SENTINEL_ABOVE
         out[name] = values.mask(bad)
+    for name in MAGNITUDE_COLUMNS:
+        error_name = f"e_{name}"
+        if name in out.columns and error_name in out.columns:
+            upper_limit = out[error_name] > MAX_MAGNITUDE_ERROR
+            out[name] = out[name].mask(upper_limit)
+            out[error_name] = out[error_name].mask(upper_limit)
     if "object_id" in out.columns:
         out["object_id"] = out["object_id"].astype(str).str.strip()
     else:

@@ -48,13 +48,13 @@ class TrainingSettings:
 
     bands: tuple[str, ...] = DEMO_BANDS
     use_gspphot: bool = False
-    epochs_mae: int = 150
-    epochs_smape: int = 60
+    epochs_mae: int = 120
+    epochs_smape: int = 40
     batch_size: int = 128
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     dropout: float = 0.1
-    patience: int = 40
+    patience: int = 30
     augment_copies: int = 3
     band_dropout: float = 0.15
     seed: int = 20240601
