@@ -157,7 +157,17 @@ def broken_inputs(shared_data: Path, folder: Path) -> dict[str, Path]:
     with fits.open(shared_data / LAMOST_DR1[5]) as hdul:
         hdul[0].data[0] = np.nan
         hdul.writeto(all_nan)
-    return {"truncated": truncated, "garbage": garbage, "all_nan": all_nan, "missing": folder / "missing.fits"}
+    zero_ivar = folder / "zero_ivar.fits"
+    with fits.open(shared_data / LAMOST_DR1[5]) as hdul:
+        hdul[0].data[1] = 0.0  # DR1 row 1 is the inverse variance
+        hdul.writeto(zero_ivar)
+    return {
+        "truncated": truncated,
+        "garbage": garbage,
+        "all_nan": all_nan,
+        "zero_ivar": zero_ivar,
+        "missing": folder / "missing.fits",
+    }
 
 
 def test_bad_files_are_rejected_and_the_run_goes_on(shared_data: Path, tmp_path: Path) -> None:
@@ -166,7 +176,8 @@ def test_bad_files_are_rejected_and_the_run_goes_on(shared_data: Path, tmp_path:
     originals = {name: path.read_bytes() for name, path in broken.items() if path.exists()}
     store = SpectrumStore.open(tmp_path / "store")
     report = store.ingest(
-        [broken["truncated"], good, broken["garbage"], broken["all_nan"], broken["missing"]], progress=False
+        [broken["truncated"], good, broken["garbage"], broken["all_nan"], broken["zero_ivar"], broken["missing"]],
+        progress=False,
     )
     assert report.added == {"apogee": 0, "optical": 1}
     reasons = dict(report.rejected)
@@ -175,9 +186,12 @@ def test_bad_files_are_rejected_and_the_run_goes_on(shared_data: Path, tmp_path:
     assert "cannot read file" in reasons[str(broken["missing"])]
     assert all(reason for reason in reasons.values())
     rejects = store.rejects()
-    assert list(rejects.columns) == ["file", "sha256", "reason", "time", "reader_version"] and len(rejects) == 4
+    assert list(rejects.columns) == ["file", "sha256", "reason", "time", "reader_version"] and len(rejects) == 5
     assert set(rejects.loc[rejects["file"] != str(broken["missing"]), "sha256"].str.len()) == {64}
     assert {name: broken[name].read_bytes() for name in originals} == originals  # inputs never modified
+    # a file of another survey than asked for is rejected too
+    wrong = store.ingest([shared_data / BOSS_FILES[0]], survey="lamost", progress=False)
+    assert wrong.spectra_added == 0 and "not lamost" in dict(wrong.rejected)[str(shared_data / BOSS_FILES[0])]
     # the same broken bytes again are not re-read; a file fixed later (new bytes, same path) is ingested
     again = store.ingest([broken["garbage"]], progress=False)
     assert again.previously_rejected and again.snapshot_id is None
