@@ -216,6 +216,13 @@ def test_net1_runs_through_the_dask_inference_stage_unchanged(model_dirs, shared
     assert len(ok) >= 6  # the all-zero second row of the 1-visit star may be judged degenerate, never lost
     assert np.all(np.isfinite(ok[["teff", "logg", "fe_h", "raw_e_teff"]].to_numpy()))
 
+    from catalogbuilder.release.tables import build_release
+
+    tables = build_release(store_path, tmp_path / "release")
+    (star,) = [t for t in tables if t.model_name == "apogeenet1" and t.level == "allStar"]  # 2 combined rows per apStar
+    assert len(star.rows) == 4 and (tmp_path / "release" / "apogee" / "apogeenet1" / "allStar-apogeenet1-apogee.fits.gz").exists()
+    assert set(star.rows["weights_sha256"]) == {digests["apogeenet1"]}
+
 
 def test_net2_with_real_header_and_gaia_photometry(model_dirs, apstar_spectra, shared_data):
     import pandas as pd
