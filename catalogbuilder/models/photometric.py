@@ -212,12 +212,10 @@ class PhotometricModel(SpectralModel):
             for target, network in self.networks.items()
         }
 
-    def _perturbed(self, photometry: pd.DataFrame, rngs: list[np.random.Generator]) -> pd.DataFrame:
-        """One Monte-Carlo realisation: each value + error × N(0, 1) (row i uses ``rngs[i]``)."""
-        columns = [*self.config.bands, PARALLAX]
-        normal = np.array([rng.standard_normal(len(columns)) for rng in rngs]).reshape(len(rngs), len(columns))
+    def _perturbed(self, photometry: pd.DataFrame, normal: np.ndarray) -> pd.DataFrame:
+        """One Monte-Carlo realisation: each perturbed column + error × ``normal[:, j]`` (rows, columns)."""
         drawn = photometry.copy()
-        for j, column in enumerate(columns):
+        for j, column in enumerate([*self.config.bands, PARALLAX]):
             error_name = PARALLAX_ERROR if column == PARALLAX else error_column(column)
             error = np.nan_to_num(_column(photometry, error_name), nan=0.0)
             drawn[column] = _column(photometry, column) + np.clip(error, 0.0, None) * normal[:, j]
@@ -240,8 +238,11 @@ class PhotometricModel(SpectralModel):
             result = self.predict_scaled(self.network_inputs(photometry))
             result.update({f"raw_e_{target}": np.full(n_rows, np.nan) for target in TARGETS})
         else:
-            rngs = [np.random.default_rng(int(seed)) for seed in seeds]
-            samples = [self.predict_scaled(self.network_inputs(self._perturbed(photometry, rngs))) for _ in range(draws)]
+            n_columns = len(self.config.bands) + 1
+            normal = np.stack([np.random.default_rng(int(seed)).standard_normal((draws, n_columns)) for seed in seeds]) \
+                if n_rows else np.zeros((0, draws, n_columns))  # (rows, draws, columns): a row's noise is its seed's
+            samples = [self.predict_scaled(self.network_inputs(self._perturbed(photometry, normal[:, draw])))
+                       for draw in range(draws)]
             result = {}
             for target in TARGETS:
                 stacked = np.stack([sample[target] for sample in samples])
