@@ -116,7 +116,8 @@ def test_join_on_file_name_matches_lasp_labels(sample_set) -> None:
 def test_join_on_source_id_with_missing_values_and_duplicates(tmp_path: Path) -> None:
     spectra = pd.DataFrame({"source_id": ["2M1", "2M1", "2M2", "2M9"], "file_path": ["a", "b", "c", "d"]})
     table_path = tmp_path / "labels.csv"
-    pd.DataFrame({"APOGEE_ID": ["2M1", "2M2"], "TEFF": [4800.0, 5100.0], "FE_H": [-9999.0, 0.1]}).to_csv(table_path)
+    pd.DataFrame({"APOGEE_ID": ["2M1", "2M2", None, None], "TEFF": [4800.0, 5100.0, 6000.0, 6100.0],
+                  "FE_H": [-9999.0, 0.1, 0.0, 0.0]}).to_csv(table_path)  # rows without an id are ignored
     joined = tdata.join_labels(spectra, tdata.read_label_table(table_path), {"teff": "TEFF", "fe_h": "FE_H"},
                                "source_id", key_column="APOGEE_ID")
     assert joined["matched"].tolist() == [True, True, True, False]

@@ -103,7 +103,8 @@ def join_labels(
     key_column = key_column or DEFAULT_KEY_COLUMN[join_on]
     if key_column not in table.colnames:
         raise KeyError(f"key column {key_column!r} not in the label table (columns: {', '.join(table.colnames)})")
-    table_keys = pd.Series([str(value).strip() for value in np.ma.filled(np.ma.asarray(table[key_column]).astype(str), "")])
+    raw_keys = np.ma.filled(np.ma.asarray(table[key_column]).astype(str), "")
+    table_keys = pd.Series([str(value).strip() for value in raw_keys])
     if join_on == "file":
         table_keys = table_keys.map(_file_key)
         spectrum_keys = spectra["file_path"].astype(str).map(_file_key)
@@ -111,12 +112,14 @@ def join_labels(
         spectrum_keys = spectra["source_id"].astype(str).str.strip()
     duplicated = table_keys[table_keys.duplicated() & (table_keys != "")]
     if len(duplicated):
-        raise ValueError(f"{len(duplicated)} keys appear twice in label column {key_column!r}, e.g. {duplicated.iloc[0]!r}")
+        raise ValueError(f"{len(duplicated)} keys appear twice in label column {key_column!r}, "
+                         f"e.g. {duplicated.iloc[0]!r}")
     labels = pd.DataFrame({name: _label_column(table, column, missing_value) for name, column in label_columns.items()})
     labels.index = table_keys
+    labels = labels[table_keys.to_numpy() != ""]  # rows without a key can match no spectrum
     joined = labels.reindex(spectrum_keys.to_numpy())
     joined.index = spectra.index
-    joined["matched"] = spectrum_keys.isin(set(table_keys)).to_numpy()
+    joined["matched"] = spectrum_keys.isin(set(labels.index)).to_numpy()
     for name in CANONICAL_LABELS:
         if name not in joined:
             joined[name] = np.nan

@@ -159,6 +159,8 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         bar.set_postfix(train=f"{history.train_loss[-1]:.4f}", val=f"{history.val_loss[-1]:.4f}",
                         best=history.best_epoch)
+        log.debug("epoch %d: train loss %.4f, validation loss %.4f (%.0f s)", epoch, history.train_loss[-1],
+                  history.val_loss[-1], history.seconds[-1])
         if epoch - history.best_epoch >= patience:
             history.stopped_early = True
             break
