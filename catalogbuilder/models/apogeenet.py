@@ -23,6 +23,7 @@ the metadata is passed as is, without noise (Sprague 2022 §3.2.3).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -163,16 +164,17 @@ class ApogeeNetModel(SpectralModel):
         self.network = network.to(device).eval()
         self.stats = stats
         self.max_batch = max_batch
-        self._metadata: torch.Tensor | None = None
 
     @property
     def needs_photometry(self) -> bool:  # type: ignore[override]
         return self.network.with_metadata
 
-    def predict_labels(self, flux: torch.Tensor, spectrum_index: torch.Tensor) -> torch.Tensor:
-        """Forward one batch of raw flux rows (NaN → 0) → (rows, 3) labels in physical units."""
+    def predict_labels(self, flux: torch.Tensor, spectrum_index: torch.Tensor,
+                       metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward one batch of raw flux rows (NaN → 0) → (rows, 3) labels in physical units; ``metadata`` holds the
+        normalised metadata of every spectrum of the call, gathered per row with ``spectrum_index``."""
         flux = torch.nan_to_num(flux.to(self.device), nan=0.0, posinf=0.0, neginf=0.0)
-        metadata = self._metadata[spectrum_index] if self._metadata is not None else None
+        metadata = metadata[spectrum_index] if metadata is not None else None
         with torch.inference_mode():
             z_scores = self.network(flux.unsqueeze(1).contiguous(), metadata)
         return unnormalize(z_scores.float(), self.labels, self.stats)
@@ -191,18 +193,18 @@ class ApogeeNetModel(SpectralModel):
                 raise ValueError(f"{self.name}: Monte-Carlo draws need the flux errors")
             error = np.zeros_like(flux)
         missing = np.zeros(len(flux), dtype=bool)
+        metadata = None
         if self.network.with_metadata:
-            metadata, missing = normalize_metadata(photometry, len(flux))
-            self._metadata = torch.from_numpy(metadata).to(self.device)
+            normalised, missing = normalize_metadata(photometry, len(flux))
+            metadata = torch.from_numpy(normalised).to(self.device)
         if len(flux) == 0:
             empty = np.empty((0, len(self.labels)))
             result = canonical_outputs(self.labels, empty, empty)
         else:
-            try:
-                value, raw_error = monte_carlo_predict(flux, np.asarray(error, dtype=np.float32), self.predict_labels,
-                                                       draws, seeds, self.device, self.max_batch)
-            finally:
-                self._metadata = None
+            # the metadata travels with this call (no model state), so concurrent predict calls cannot mix it up
+            predictor = functools.partial(self.predict_labels, metadata=metadata)
+            value, raw_error = monte_carlo_predict(flux, np.asarray(error, dtype=np.float32), predictor,
+                                                   draws, seeds, self.device, self.max_batch)
             result = canonical_outputs(self.labels, value, raw_error)
         if self.network.with_metadata:
             result["missing_photometry"] = missing
