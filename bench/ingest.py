@@ -8,8 +8,9 @@ own), keeping the fastest time (least disturbed by other load on a shared machin
 * ``serial``: ``SpectrumStore.ingest`` without a client (read, resample, write, commit in one process);
 * ``dask``: ``SpectrumStore.ingest`` with a local cluster of ``--workers`` processes (cluster start-up not timed).
 
-Prints spectra/s, ingest/astropy ratios and the peak RSS at N and 4N files (flat = batching works; for ``dask``
-the client's and the largest worker's). Run: ``python bench/ingest.py --n 32 --workers 2``.
+Prints spectra/s, ingest/astropy ratios, the marginal rate from N to 4N files (steady-state throughput without the
+fixed costs of a run) and the peak RSS at N and 4N files (flat = batching works; for ``dask`` the client's and the
+largest worker's). Run: ``python bench/ingest.py --n 32 --workers 2``.
 """
 
 from __future__ import annotations
@@ -186,6 +187,15 @@ def main(argv: list[str] | None = None) -> None:
                 worker,
             )
         )
+    print("marginal rate from N to 4N files (excludes per-run fixed costs: imports, repository open, commit):")
+    marginal = {
+        mode: (spectra[4 * args.n] - spectra[args.n])
+        / (results[(mode, 4 * args.n)]["seconds"] - results[(mode, args.n)]["seconds"])
+        for mode in modes
+    }
+    for mode, rate in marginal.items():
+        versus = f", {rate / marginal['astropy']:.2f}x astropy" if "astropy" in marginal else ""
+        print(f"  {mode:8s} {rate:8.1f} spectra/s{versus}")
     for mode in modes:
         small, large = results[(mode, args.n)], results[(mode, 4 * args.n)]
         line = f"peak RSS 4N/N {mode}: client {large['client_rss_mb'] / small['client_rss_mb']:.2f}"
