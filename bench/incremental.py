@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"incremental run: {len(new):6d} files, {new_spectra:6d} spectra "
               f"({new_spectra / max(1, full_spectra):.2%} new), {incremental_seconds:8.1f} s, "
               f"{sum(r.n_computed for r in incremental.inference)} predictions")
+        for name, result in (("full", full), ("incremental", incremental)):
+            print(f"  {name} run steps: " + ", ".join(f"{step} {sec:.1f} s" for step, sec in result.seconds.items()))
         ratio = incremental_seconds / full_seconds
         print(f"incremental / full wall time: {ratio:.2%} (goal <= {GOAL_RATIO:.0%}: {'met' if ratio <= GOAL_RATIO else 'NOT met'})")
     finally:

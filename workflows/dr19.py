@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ class WorkflowResult:
     ingest: IngestReport
     inference: list[InferenceReport]
     tables: list[ReleaseTable]
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # wall time per step: check, ingest, ...
 
     @property
     def failed_tasks(self) -> int:
@@ -171,7 +173,10 @@ def check_models(config: WorkflowConfig) -> None:
 def run_workflow(client: Client, config: WorkflowConfig) -> WorkflowResult:
     """Ingest the inputs (new files only), run every model whose grid holds spectra (new spectra or new weights
     only), then cross-match, calibrate, flag and write the release tables from everything in the store."""
+    seconds: dict[str, float] = {}
+    began = time.perf_counter()
     check_models(config)
+    seconds["check"] = time.perf_counter() - began
     store = SpectrumStore.open(config.store)
     # Adaptor: ingest reads the store's ledger as lazy dask arrays of a writable icechunk session, which the default
     # distributed client cannot pickle; the synchronous scheduler reads them here. Reading and resampling the files
@@ -179,6 +184,7 @@ def run_workflow(client: Client, config: WorkflowConfig) -> WorkflowResult:
     with dask.config.set(scheduler="synchronous"):
         ingest = store.ingest(expand_inputs(config.inputs), survey=config.survey, client=client, progress=config.progress)
     log.info("ingest: %s", ingest.summary())
+    seconds["ingest"] = time.perf_counter() - began - sum(seconds.values())
     reports = []
     for grid, names in config.models.items():
         if store.dataset(grid) is None:
@@ -192,13 +198,16 @@ def run_workflow(client: Client, config: WorkflowConfig) -> WorkflowResult:
                     progress=config.progress,
                 )
             )
+    seconds["infer"] = time.perf_counter() - began - sum(seconds.values())
     tables = build_release(config.store, config.output, catalogs=config.catalogs, radius_arcsec=config.radius_arcsec)
-    return WorkflowResult(config.output, ingest, reports, tables)
+    seconds["release"] = time.perf_counter() - began - sum(seconds.values())
+    return WorkflowResult(config.output, ingest, reports, tables, seconds)
 
 
 def describe(result: WorkflowResult) -> str:
     """What a run did and where its products are (printed at the end of a run)."""
-    lines = [result.ingest.summary()]
+    steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in result.seconds.items())
+    lines = [f"wall time: {steps}", result.ingest.summary()]
     lines += [report.summary() for report in result.inference]
     lines.append(f"release tables in {result.output}:")
     for table in result.tables:
