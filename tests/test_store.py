@@ -203,20 +203,27 @@ def test_bad_files_are_rejected_and_the_run_goes_on(shared_data: Path, tmp_path:
 
 
 def test_dask_ingest_equals_serial_ingest(shared_data: Path, tmp_path: Path) -> None:
+    """Worker processes (results pickled back), two ingests under the active client (the second one reads the ledger
+    and rejects of an existing store while the client is the default scheduler), same store as a serial run."""
     from distributed import Client, LocalCluster
 
     files = [shared_data / name for name in INITIAL] + [tmp_path / "garbage.fits"]
     files[-1].write_bytes(b"SIMPLE  = not really a FITS file")
+    later = [shared_data / LAMOST_DR1[5], files[0]]
     serial = SpectrumStore.open(tmp_path / "serial")
     serial.ingest(files, progress=False)
+    serial.ingest(later, progress=False)
     parallel = SpectrumStore.open(tmp_path / "dask")
-    # threads keep the test fast; bench/ingest.py and the CLI run the same code on worker processes
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
         report = parallel.ingest(files, client=client, progress=False, batch_size=3)
+        again = parallel.ingest(later, client=client, progress=False, batch_size=3)
+        info = parallel.info()
     assert report.added == {"apogee": 7, "optical": 8} and len(report.rejected) == 1
+    assert again.added == {"apogee": 0, "optical": 1} and again.skipped == [(str(files[0]), str(files[0]))]
+    assert info["total_spectra"] == 16
     for grid in ("apogee", "optical"):
         a, b = serial.dataset(grid).load(), parallel.dataset(grid).load()
         assert a.drop_vars("ingest_time").identical(b.drop_vars("ingest_time"))

@@ -284,7 +284,7 @@ class _StoreState:
 
 
 def _store_state(session: icechunk.Session) -> _StoreState:
-    files = open_group_dataset(session.store, FILES_GROUP)
+    files = open_group_dataset(session.store, FILES_GROUP, dask=False)
     file_by_sha: dict[str, tuple[str, int]] = {}
     if files is not None:
         for sha, path, count in zip(
@@ -294,7 +294,7 @@ def _store_state(session: icechunk.Session) -> _StoreState:
         ):
             first, total = file_by_sha.get(sha, (path, 0))
             file_by_sha[sha] = (first, total + int(count))
-    rejects = open_group_dataset(session.store, REJECTS_GROUP)
+    rejects = open_group_dataset(session.store, REJECTS_GROUP, dask=False)
     rejected = {}
     if rejects is not None:
         keys = zip(
@@ -305,7 +305,7 @@ def _store_state(session: icechunk.Session) -> _StoreState:
         rejected = {(sha, version): reason for sha, version, reason in keys if sha}
     lengths = {}
     for grid in GRIDS:
-        dataset = open_group_dataset(session.store, grid)
+        dataset = open_group_dataset(session.store, grid, dask=False)
         lengths[grid] = 0 if dataset is None else int(dataset.sizes[SPECTRUM_DIM])
     return _StoreState(file_by_sha, rejected, lengths)
 

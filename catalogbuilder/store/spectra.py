@@ -240,11 +240,13 @@ class GridWriter:
         self.length += len(block)
 
 
-def open_group_dataset(session_store: icechunk.IcechunkStore, group: str) -> xr.Dataset | None:
-    """The lazy Dataset of ``group`` with its on-disk chunks, or None if the group does not exist."""
+def open_group_dataset(session_store: icechunk.IcechunkStore, group: str, dask: bool = True) -> xr.Dataset | None:
+    """The lazy Dataset of ``group``, or None if the group does not exist. With ``dask`` its variables are dask arrays
+    with the on-disk chunks; without, lazily indexed arrays read here on access (never sent to a Dask cluster: what
+    the store itself reads must not depend on the default scheduler, and a writable session cannot be pickled)."""
     if not _has_group(session_store, group):
         return None
-    return xr.open_zarr(session_store, group=group, consolidated=False, chunks={})
+    return xr.open_zarr(session_store, group=group, consolidated=False, chunks={} if dask else None)
 
 
 class SpectrumStore:
@@ -300,7 +302,7 @@ class SpectrumStore:
         return table.rename(columns={"file_path": "file", "file_sha256": "sha256"})
 
     def _table(self, group: str, columns: Sequence[str], snapshot: str | None) -> pd.DataFrame:
-        dataset = open_group_dataset(self._readonly_store(snapshot), group)
+        dataset = open_group_dataset(self._readonly_store(snapshot), group, dask=False)
         if dataset is None:
             return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
         return pd.DataFrame({column: plain_strings(dataset[column].values) for column in columns})
@@ -313,7 +315,7 @@ class SpectrumStore:
         """Counts: spectra per grid and per survey/kind, total, ingested files, rejects, snapshots."""
         grids: dict[str, dict[str, Any]] = {}
         for grid in GRIDS:
-            dataset = self.dataset(grid)
+            dataset = open_group_dataset(self._readonly_store(), grid, dask=False)
             if dataset is None:
                 grids[grid] = {"spectra": 0, "by_survey_kind": {}}
                 continue
