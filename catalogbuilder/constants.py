@@ -28,6 +28,12 @@ SURVEY_GRID: dict[str, str] = {"apogee": GRID_APOGEE, "boss": GRID_OPTICAL, "lam
 KIND_COMBINED = "combined"
 KIND_VISIT = "visit"
 
+# --- pixel masks and times -------------------------------------------------------------------------------------
+# Model-grid pixel with no native pixel under it (outside a spectrum's wavelength range, or an APOGEE chip gap after
+# resampling an apVisit). Above every survey's own bits (APOGEE PIXMASK, SDSS SPPIXMASK, LAMOST andmask fit in 32 bits).
+PIXMASK_NO_COVERAGE: int = 1 << 40
+MJD_OFFSET: float = 2400000.5  # Julian date of MJD 0 (JD = MJD + MJD_OFFSET)
+
 
 @lru_cache(maxsize=None)
 def apogee_wavelength() -> np.ndarray:
@@ -81,6 +87,18 @@ ERROR_CALIBRATION: dict[str, tuple[float, float]] = {
     "logg": (1.25, 0.01),  # dex
     "fe_h": (1.0, 0.01),  # dex
 }
+
+
+# --- result_flags thresholds: the DR19 ranges (SPEC §6) and our documented defaults (docs/release.md) -----------
+LOG_TEFF_RANGE: tuple[float, float] = (3.1, 4.7)  # TEFF_UNRELIABLE outside (open interval), log10(K)
+LOGG_RANGE: tuple[float, float] = (-1.5, 6.0)  # LOGG_UNRELIABLE outside, dex
+FE_H_RANGE: tuple[float, float] = (-2.0, 0.5)  # FE_H_UNRELIABLE outside, dex
+FE_H_MAX_LOG_TEFF: float = 3.82  # FE_H_UNRELIABLE above this log10(teff): hot stars (value kept)
+E_TEFF_LARGE_FRACTION: float = 0.05  # E_TEFF_LARGE when e_teff > this fraction of teff
+E_LOGG_LARGE_DEX: float = 0.3  # E_LOGG_LARGE when e_logg above, dex
+E_FE_H_LARGE_DEX: float = 0.3  # E_FE_H_LARGE when e_fe_h above, dex
+SNR_MIN: float = 10.0  # RESULT_UNRELIABLE below this survey S/N
+MIN_GOOD_PIXEL_FRACTION: float = 0.5  # RESULT_UNRELIABLE below this fraction of finite, positive grid pixels
 
 
 class ResultFlag(enum.IntFlag):

@@ -19,7 +19,20 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from catalogbuilder.constants import FLAG_BAD_MASK, FLAG_WARN_MASK, ResultFlag
+from catalogbuilder.constants import (
+    E_FE_H_LARGE_DEX,
+    E_LOGG_LARGE_DEX,
+    E_TEFF_LARGE_FRACTION,
+    FE_H_MAX_LOG_TEFF,
+    FE_H_RANGE,
+    FLAG_BAD_MASK,
+    FLAG_WARN_MASK,
+    LOG_TEFF_RANGE,
+    LOGG_RANGE,
+    MIN_GOOD_PIXEL_FRACTION,
+    SNR_MIN,
+    ResultFlag,
+)
 
 RESULT_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h")
 FLAG_DESCRIPTIONS: dict[ResultFlag, str] = {
@@ -42,11 +55,11 @@ FLAG_DESCRIPTIONS: dict[ResultFlag, str] = {
 class FlagThresholds:
     """Thresholds of the data-dependent bits; the defaults are the released ones (justified in docs/release.md)."""
 
-    e_teff_fraction: float = 0.05  # E_TEFF_LARGE: e_teff / teff above this (≈0.021 dex in log Teff)
-    e_logg_max: float = 0.3  # dex, E_LOGG_LARGE
-    e_fe_h_max: float = 0.3  # dex, E_FE_H_LARGE
-    snr_min: float = 10.0  # RESULT_UNRELIABLE below this survey S/N (unknown S/N does not set it)
-    min_good_pixel_fraction: float = 0.5  # RESULT_UNRELIABLE below this fraction of finite, positive flux pixels
+    e_teff_fraction: float = E_TEFF_LARGE_FRACTION  # E_TEFF_LARGE: e_teff / teff above this (≈0.021 dex in log Teff)
+    e_logg_max: float = E_LOGG_LARGE_DEX  # dex, E_LOGG_LARGE
+    e_fe_h_max: float = E_FE_H_LARGE_DEX  # dex, E_FE_H_LARGE
+    snr_min: float = SNR_MIN  # RESULT_UNRELIABLE below this survey S/N (unknown S/N does not set it)
+    min_good_pixel_fraction: float = MIN_GOOD_PIXEL_FRACTION  # RESULT_UNRELIABLE below this fraction of good pixels
 
     def describe(self, required_bands: tuple[str, ...]) -> dict[ResultFlag, str]:
         """Bit → description with these thresholds filled in (for FITS headers and summaries)."""
@@ -74,6 +87,11 @@ def _column(frame: pd.DataFrame, name: str, default: float | bool | str) -> pd.S
     return frame[name] if name in frame.columns else pd.Series(default, index=frame.index)
 
 
+def _inside(values: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """True where ``bounds[0] < values < bounds[1]`` (NaN is outside)."""
+    return (bounds[0] < values) & (values < bounds[1])
+
+
 def no_result_mask(frame: pd.DataFrame) -> np.ndarray:
     """True where the row has no usable result: status not ``ok`` or a non-finite teff/logg/fe_h."""
     status_ok = _column(frame, "status", "no_result").fillna("no_result").astype(str).eq("ok").to_numpy()
@@ -98,9 +116,9 @@ def result_flags(frame: pd.DataFrame, thresholds: FlagThresholds = FlagThreshold
         log_teff = np.where(teff > 0, np.log10(np.where(teff > 0, teff, 1.0)), -np.inf)
         logg = _column(frame, "logg", np.nan).to_numpy(float)
         fe_h = _column(frame, "fe_h", np.nan).to_numpy(float)
-        set_bit(ResultFlag.TEFF_UNRELIABLE, has_result & ~((3.1 < log_teff) & (log_teff < 4.7)))
-        set_bit(ResultFlag.LOGG_UNRELIABLE, has_result & ~((-1.5 < logg) & (logg < 6.0)))
-        set_bit(ResultFlag.FE_H_UNRELIABLE, has_result & (~((-2.0 < fe_h) & (fe_h < 0.5)) | (log_teff > 3.82)))
+        set_bit(ResultFlag.TEFF_UNRELIABLE, has_result & ~_inside(log_teff, LOG_TEFF_RANGE))
+        set_bit(ResultFlag.LOGG_UNRELIABLE, has_result & ~_inside(logg, LOGG_RANGE))
+        set_bit(ResultFlag.FE_H_UNRELIABLE, has_result & (~_inside(fe_h, FE_H_RANGE) | (log_teff > FE_H_MAX_LOG_TEFF)))
 
         for label, unreliable, large, limit in (
             ("teff", ResultFlag.E_TEFF_UNRELIABLE, ResultFlag.E_TEFF_LARGE, np.where(teff > 0, thresholds.e_teff_fraction * teff, np.inf)),

@@ -12,9 +12,9 @@ from astropy.io import fits
 from catalogbuilder.readers import boss, lamost
 from catalogbuilder.readers.apstar import ApStarReader
 from catalogbuilder.readers.apvisit import ApVisitReader
+from catalogbuilder.constants import PIXMASK_NO_COVERAGE
 from catalogbuilder.readers.base import (
     FitsReader,
-    PIXMASK_NO_COVERAGE,
     READER_VERSION,
     Reader,
     ReaderError,

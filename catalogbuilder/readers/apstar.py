@@ -16,9 +16,9 @@ from catalogbuilder.constants import (
     GRID_APOGEE,
     KIND_COMBINED,
     KIND_VISIT,
+    MJD_OFFSET,
 )
 from catalogbuilder.readers.base import (
-    MJD_OFFSET,
     FitsReader,
     ReaderError,
     Spectrum,

@@ -14,11 +14,9 @@ import numpy as np
 from astropy import constants as physical
 from astropy.io import fits
 
-from catalogbuilder.constants import GRID_APOGEE, KIND_VISIT, apogee_wavelength
+from catalogbuilder.constants import GRID_APOGEE, KIND_VISIT, MJD_OFFSET, PIXMASK_NO_COVERAGE, apogee_wavelength
 from catalogbuilder.readers.base import (
-    MJD_OFFSET,
     FitsReader,
-    PIXMASK_NO_COVERAGE,
     ReaderError,
     Spectrum,
     check_measured,

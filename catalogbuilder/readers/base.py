@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 from astropy.io import fits
 
-from catalogbuilder.constants import ERROR_CAP_FACTOR
+from catalogbuilder.constants import ERROR_CAP_FACTOR, MJD_OFFSET, PIXMASK_NO_COVERAGE
 
 READER_VERSION = "1"
 
@@ -96,12 +96,6 @@ def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
 
 # --- helpers shared by the survey readers ---------------------------------------------------------------------
 
-# Model-grid pixel with no native pixel under it (outside a spectrum's wavelength range or in an APOGEE chip gap
-# after resampling an apVisit). Above every survey's own bits (APOGEE PIXMASK, SDSS SPPIXMASK and LAMOST andmask
-# all fit in 32 bits), so it never collides with them.
-PIXMASK_NO_COVERAGE: int = 1 << 40
-
-MJD_OFFSET: float = 2400000.5  # Julian date of MJD 0 (JD = MJD + MJD_OFFSET)
 _GZIP_MAGIC = b"\x1f\x8b"
 # Header values that mean "missing" in SDSS/LAMOST headers (e.g. -9999.99 photometry, 99 magnitudes).
 _MISSING_MAGNITUDE_LIMIT = 50.0

@@ -4,7 +4,7 @@ Optical spectra (BOSS, LAMOST) are linearly interpolated onto the 3900-pixel gri
 semantics (conformance README step 3): NaN-flux pixels are dropped together with their wavelengths, ``np.interp``
 (float64 arithmetic on the float32 inputs, float32 result) with edge values held outside the native range. The
 error is interpolated the same way; the mask of a grid point is the OR of its two bracketing native pixels, plus
-:data:`~catalogbuilder.readers.base.PIXMASK_NO_COVERAGE` where the grid point lies outside the native range
+:data:`~catalogbuilder.constants.PIXMASK_NO_COVERAGE` where the grid point lies outside the native range
 (the interpolation itself is :func:`catalogbuilder.readers.base.interpolate_onto`, shared with the apVisit reader).
 Spectra with ``wavelength is None`` (apStar rows) are already on their grid and pass through unchanged.
 """
