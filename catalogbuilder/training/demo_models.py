@@ -265,6 +265,11 @@ Synthetic held-out test set (same generator, unseen spectra):
 | difference | {predicted['teff'] - reference['teff']:+.0f} | {predicted['logg'] - reference['logg']:+.2f} | |
 
 One real star is one data point: it shows whether the synthetic-to-real transfer works at all, not its accuracy.
+Here it does not work well: the Monte-Carlo scatter over 20 noise draws is tiny (raw error
+{errors['teff']:.2g} K), i.e. the prediction hardly depends on the absorption lines. What this small network learned in
+its short CPU training is mostly the continuum slope, which in the synthetic set follows Teff through the black-body
+ratio anchored on the template star's header Teff (RV_TEFF) — not a calibrated temperature scale. See
+docs/training.md for the experiments behind this reading.
 
 **Limitations.** Emulator spectra are idealised (one LSF, no telluric or sky residuals, no persistence); continuum
 shapes come from only {n_templates} real apStar rows of two stars, one of them the validation star itself (its

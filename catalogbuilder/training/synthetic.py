@@ -168,12 +168,14 @@ def generate(
     snr_range: tuple[float, float] = (40.0, 400.0),
     flux_scale_range: tuple[float, float] = (0.05, 20.0),
     max_tilt: float = 0.1,
+    blackbody_slope: bool = True,
 ) -> SyntheticSpectra:
     """``n`` apStar-like spectra: emulated normalised flux × continuum, noise from real error arrays.
 
     Per spectrum: labels uniform in the emulator box; a random template; continuum × log-uniform scale in
-    ``flux_scale_range`` × (1 + tilt·x), x ∈ [−1, 1] across the grid and tilt uniform in ±``max_tilt`` ×
-    black-body ratio B(Teff)/B(Teff_template); pixels with template data but outside the emulator's coverage keep
+    ``flux_scale_range`` × (1 + tilt·x), x ∈ [−1, 1] across the grid and tilt uniform in ±``max_tilt``, × the
+    black-body ratio B(Teff)/B(Teff_template) when ``blackbody_slope`` (it ties the continuum slope to Teff through the
+    template star's header Teff); pixels with template data but outside the emulator's coverage keep
     the bare continuum (no lines); pixels without data are 0 with error 0, as the APOGEE reader stores chip gaps.
     Error = relative error of the template × continuum × (template S/N / drawn S/N), S/N log-uniform in ``snr_range``.
     """
@@ -185,8 +187,9 @@ def generate(
     x = np.linspace(-1.0, 1.0, APOGEE_NPIX)
     tilt = 1.0 + rng.uniform(-max_tilt, max_tilt, size=(n, 1)) * x
     scale = np.exp(rng.uniform(*np.log(flux_scale_range), size=(n, 1)))
-    shape = _blackbody_ratio(labels[:, 0], np.array([templates[k].teff for k in chosen]))
-    continuum = continuum * tilt * scale * shape
+    continuum = continuum * tilt * scale
+    if blackbody_slope:
+        continuum *= _blackbody_ratio(labels[:, 0], np.array([templates[k].teff for k in chosen]))
 
     normalized = np.ones((n, APOGEE_NPIX))
     normalized[:, payne_pixels()] = emulator.normalized_flux(labels)
