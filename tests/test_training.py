@@ -13,7 +13,7 @@ import yaml
 
 from catalogbuilder.cli import main as cli_main
 from catalogbuilder.constants import APOGEE_NPIX
-from catalogbuilder.models.bossnet import BossNet, BossNetConfig
+from catalogbuilder.models.bossnet import BossNetConfig
 from catalogbuilder.models.registry import load_model
 from catalogbuilder.readers import read_spectra
 from catalogbuilder.store.resample import to_model_grid
