@@ -158,11 +158,15 @@ def test_registry_infers_grid_name_and_stats(tmp_path: Path) -> None:
     assert boss.stats == LABEL_STATS["boss"]
 
     custom_stats = {"logg": (1.0, 2.0), "logTeff": (3.0, 0.5), "FeH": (0.0, 1.0), "rv": (0.0, 10.0)}
-    info = {"name": "optical3", "grid": "optical", "description": "test", "domain": "stars", "note": "kept"}
+    info = {"name": "optical3", "grid": "optical", "description": "test", "domain": {"teff": [4000, 7000]}, "note": "kept"}
     write_model_dir(tmp_path / "dir3", BossNetConfig.from_dict(SMALL), stats=custom_stats, info=info)
     optical3 = load_model(tmp_path / "dir3")
     assert (optical3.name, optical3.grid, optical3.stats) == ("optical3", GRID_OPTICAL, custom_stats)
-    assert optical3.info.extra == {"note": "kept"} and optical3.info.domain == "stars"
+    assert optical3.info.extra == {"note": "kept"} and optical3.info.domain == {"teff": (4000.0, 7000.0)}
+
+    write_model_dir(tmp_path / "baddomain", BossNetConfig.from_dict(SMALL), info={"domain": {"teff": [7000, 4000]}})
+    with pytest.raises(ValueError, match="low < high"):
+        load_model(tmp_path / "baddomain")
 
     write_model_dir(tmp_path / "rvstats", BossNetConfig.from_dict(SMALL), stats=custom_stats)
     assert load_model(tmp_path / "rvstats").grid == GRID_OPTICAL  # stats with rv → optical

@@ -43,7 +43,7 @@ class ModelInfo:
     family: str = DEFAULT_FAMILY
     grid: str | None = None
     description: str = ""
-    domain: str = ""
+    domain: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # output -> (low, high), units of the output
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -64,9 +64,24 @@ class ModelInfo:
             family=str(fields.get("family") or DEFAULT_FAMILY),
             grid=fields.get("grid"),
             description=str(fields.get("description") or ""),
-            domain=str(fields.get("domain") or ""),
+            domain=parse_domain(fields.get("domain"), info_path),
             extra={key: value for key, value in fields.items() if key not in known},
         )
+
+
+def parse_domain(domain: Any, source: Path) -> dict[str, tuple[float, float]]:
+    """The ``domain`` of ``catalogbuilder.yaml``: a mapping output name (teff K, logg, fe_h, rv) → [low, high], the range
+    of the training labels; predictions outside it are flagged RESULT_UNRELIABLE by the release stage."""
+    if not domain:
+        return {}
+    if not isinstance(domain, dict):
+        raise ValueError(f"{source}: domain must map outputs to [low, high], e.g. {{teff: [4200, 7000]}}; got {domain!r}")
+    parsed = {}
+    for output, bounds in domain.items():
+        if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and float(bounds[0]) < float(bounds[1])):
+            raise ValueError(f"{source}: domain.{output} must be [low, high] with low < high; got {bounds!r}")
+        parsed[str(output)] = (float(bounds[0]), float(bounds[1]))
+    return parsed
 
 
 class SpectralModel(abc.ABC):
