@@ -36,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-batch", type=int, default=None, help=f"rows per forward pass (default: {CPU_MAX_BATCH} on CPU, 512 on GPU)"
     )
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="extra attempts of a failed task")
+    parser.add_argument(
+        "--photometry", metavar="FILE", default=None,
+        help="Parquet table with spectrum_id + Gaia/2MASS columns (the `catalogbuilder crossmatch` output) for models "
+        "that read photometry (APOGEE Net II); without it they use the store's header 2MASS and impute Gaia "
+        "(rows missing_photometry). Spectra done from other photometry are recomputed. Ignored by other models",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cluster_arguments(parser)
     parser.set_defaults(func=run)
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             retries=args.retries,
             progress=not args.no_progress,
+            photometry=args.photometry,
         )
     print(report.summary())
     for start, stop, reason in report.failed_chunks:

@@ -2,7 +2,8 @@
 
 Graph choice: ``client.map`` over spectrum index ranges aligned with the store's Zarr chunks along ``spectrum``
 (rather than ``xarray``/``dask.array`` ``map_blocks``). Each task receives only small values — the store path, the
-snapshot id, its index range, the positions still to do, and the model directory — opens the store itself, predicts,
+snapshot id, its index range, the positions still to do, the model directory and, for spectrum + photometry models,
+the photometry table's path — opens the store (and reads its own rows of the table) itself, predicts,
 writes its own Parquet part and returns a few counts. So no array or model travels through the scheduler, already-done
 spectra are skipped inside a chunk, every task carries ``resources={"GPU": 1}`` explicitly when GPU workers are used
 (``dask.annotate`` can be dropped by graph optimisation, dask#7036), retries are per task, and a task that fails
@@ -17,7 +18,7 @@ import itertools
 import logging
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 from catalogbuilder import __version__
 from catalogbuilder.cluster import GPU_RESOURCE
 from catalogbuilder.constants import DEFAULT_DRAWS, FLUX_FLOOR
+from catalogbuilder.inference import photometry as phot
 from catalogbuilder.inference.results import (
     STATUS_NO_RESULT,
     STATUS_OK,
@@ -132,6 +134,8 @@ class ChunkTask:
     """One inference task: which spectra of which store snapshot, and how to predict them.
 
     ``positions`` are the indices (within the grid's ``spectrum`` dimension) still to do, all in [start, stop).
+    ``photometry_keys``: what a spectrum + photometry model reads (empty for spectrum-only models), taken from the
+    Parquet table at ``photometry_path`` (None: the store's header 2MASS only).
     """
 
     store_path: str
@@ -148,6 +152,8 @@ class ChunkTask:
     draws: int
     seed: int
     batch_size: int
+    photometry_keys: tuple[str, ...] = ()
+    photometry_path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +169,7 @@ class ChunkSummary:
     worker: str
     part: str | None
     seconds: float
+    n_missing_photometry: int = 0
 
 
 @dataclasses.dataclass
@@ -175,6 +182,9 @@ class InferenceReport:
     snapshot_id: str | None
     n_spectra: int  # spectra of the grid in the store snapshot
     n_skipped: int  # already done (ok) for this model and weights
+    photometry: str | None = None  # photometry table of a spectrum + photometry model, or how it was replaced
+    n_photometry_changed: int = 0  # done before, recomputed because their photometry changed
+    n_missing_photometry: int = 0  # rows of this run whose model imputed photometry
     n_ok: int = 0
     n_no_result: int = 0
     n_degenerate: int = 0
@@ -194,12 +204,16 @@ class InferenceReport:
 
     def summary(self) -> str:
         """One-paragraph human-readable summary."""
-        return (
+        text = (
             f"{self.model_name} (weights {self.weights_sha256[:16]}) on {self.grid}: {self.n_spectra} spectra, "
             f"{self.n_skipped} already done, {self.n_ok} ok ({self.n_degenerate} degenerate input), "
             f"{self.n_no_result} no_result, {len(self.failed_chunks)} failed task(s); "
             f"{self.seconds:.1f} s, {self.spectra_per_second:.1f} spectra/s"
         )
+        if self.photometry is not None:
+            text += (f"; photometry: {self.photometry} ({self.n_photometry_changed} recomputed for changed "
+                     f"photometry, {self.n_missing_photometry} missing photometry)")
+        return text
 
 
 def as_str_array(values: np.ndarray) -> np.ndarray:
@@ -221,23 +235,26 @@ def forward_group(model: Any, draws: int) -> int:
 
 
 def _predict_isolating_failures(
-    model: Any, flux: np.ndarray, error: np.ndarray, seeds: np.ndarray, draws: int, batch_size: int
+    model: Any, flux: np.ndarray, error: np.ndarray, seeds: np.ndarray, draws: int, batch_size: int,
+    photometry: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """``model.predict`` in batches; a batch that raises is redone one spectrum at a time so that only the
-    spectra that really fail lose their result. Returns the value columns and a per-spectrum error text.
+    spectra that really fail lose their result. Returns the value columns (plus ``missing_photometry`` when
+    ``photometry`` is given: per-spectrum arrays keyed by the model's photometry keys) and a per-spectrum error text.
 
     Every call is padded (with copies of its last spectrum, whose results are dropped) to whole forward passes, so
     each forward pass has the same shape whatever the chunking: float32 results of a row can depend on the batch
     shape (conformance README: up to 4e-5), and this keeps results bit-identical across chunkings and retries.
     """
-    columns = value_columns(model.outputs)
+    columns = value_columns(model.outputs) + ([phot.MISSING_PHOTOMETRY] if photometry is not None else [])
     values = {name: np.full(len(flux), np.nan) for name in columns}
     errors = [""] * len(flux)
     group = forward_group(model, draws)
 
     def predict_into(rows: np.ndarray) -> None:
         padded = np.concatenate([rows, np.repeat(rows[-1:], -len(rows) % group)])
-        predicted = model.predict(flux[padded], error[padded], draws=draws, seeds=seeds[padded])
+        extra = {} if photometry is None else {"photometry": {key: v[padded] for key, v in photometry.items()}}
+        predicted = model.predict(flux[padded], error[padded], draws=draws, seeds=seeds[padded], **extra)
         for name in columns:
             values[name][rows] = np.asarray(predicted[name], dtype=np.float64)[: len(rows)]
 
@@ -265,7 +282,14 @@ def predict_chunk(task: ChunkTask, model: Any) -> pd.DataFrame:
         flux = np.asarray(dataset["flux"].values[rows], dtype=np.float32)
         error = np.asarray(dataset["error"].values[rows], dtype=np.float32)
     seeds = np.array([spectrum_seed(spectrum_id, task.seed) for spectrum_id in spectrum_ids], dtype=np.int64)
-    values, errors = _predict_isolating_failures(model, flux, error, seeds, task.draws, task.batch_size)
+    inputs = None
+    if task.photometry_keys:  # this task's rows of the table only, the header 2MASS where it has no value
+        header = phot.header_photometry(dataset, rows)
+        inputs = phot.gather_inputs(task.photometry_path, spectrum_ids, header, task.photometry_keys)
+    values, errors = _predict_isolating_failures(
+        model, flux, error, seeds, task.draws, task.batch_size,
+        None if inputs is None else {key: inputs[key].to_numpy() for key in task.photometry_keys},
+    )
 
     degenerate = degenerate_rows(flux)
     non_finite = [
@@ -285,6 +309,9 @@ def predict_chunk(task: ChunkTask, model: Any) -> pd.DataFrame:
     frame = provenance_frame(spectrum_ids, task, status, reason)
     for name, column in values.items():
         frame[name] = column
+    if inputs is not None:
+        for key, column in zip(task.photometry_keys, phot.input_columns(task.photometry_keys)):
+            frame[column] = inputs[key].to_numpy()
     return frame
 
 
@@ -327,6 +354,7 @@ def infer_chunk(task: ChunkTask) -> ChunkSummary:
         worker=worker.address,
         part=str(part) if part else None,
         seconds=time.perf_counter() - began,
+        n_missing_photometry=int((frame.get(phot.MISSING_PHOTOMETRY, pd.Series(dtype=float)) == 1).sum()),
     )
 
 
@@ -371,6 +399,7 @@ def run_inference(
     max_batch: int | None = None,
     retries: int = DEFAULT_RETRIES,
     progress: bool = True,
+    photometry: str | Path | None = None,
 ) -> InferenceReport:
     """Predict every spectrum of the model's grid in the store at ``store_path`` that has no ``ok`` result for
     this model and weights yet; results go to ``<store>/results``.
@@ -380,6 +409,13 @@ def run_inference(
     Tasks run where ``client`` sends them: with ``GPU`` workers present each task requires ``{"GPU": 1}``.
     A task that still fails after ``retries`` extra attempts yields ``no_result`` rows for its spectra,
     so every pending spectrum gets exactly one row; the run always goes on.
+
+    Spectrum + photometry models (APOGEE Net II): ``photometry`` is a Parquet table with ``spectrum_id`` and the
+    model's photometry keys (the ``catalogbuilder crossmatch`` output); each task reads the rows of its own spectra.
+    Values the table lacks come from the store's header 2MASS J/H/K, the rest is imputed by the model and the row gets
+    ``missing_photometry = 1``. With a table, spectra done before from other photometry (``input_*`` columns of their
+    newest ok row) are recomputed; without one, only spectra without an ok row are computed (header 2MASS, no Gaia).
+    Spectrum-only models ignore ``photometry``.
     """
     from catalogbuilder.models.registry import load_model, resolve_model_dir
     from catalogbuilder.store.spectra import SpectrumStore
@@ -390,16 +426,22 @@ def run_inference(
     store_path = str(Path(store_path).resolve())
     model_dir = str(resolve_model_dir(model).resolve())
     spectral_model = load_model(model_dir, device="cpu")
-    if spectral_model.grid is None or spectral_model.needs_photometry:
-        raise ValueError(f"model {spectral_model.name!r} needs photometry; `infer` runs spectrum-only models")
+    if spectral_model.grid is None:
+        raise ValueError(f"model {spectral_model.name!r} reads no spectra; run it with `catalogbuilder photometric`")
     if not Path(store_path).is_dir():
         raise FileNotFoundError(f"no spectrum store at {store_path}")
+    photometry_keys = tuple(getattr(spectral_model, "photometry_keys", ())) if spectral_model.needs_photometry else ()
+    if photometry is not None and not photometry_keys:
+        log.warning("model %s reads no photometry: ignoring %s", spectral_model.name, photometry)
+    photometry_path = str(phot.check_photometry_table(photometry, photometry_keys)) if (
+        photometry is not None and photometry_keys) else None
     store = SpectrumStore.open(store_path)
     snapshot_id = store.snapshot_id
     dataset = store.dataset(spectral_model.grid, snapshot=snapshot_id)
     results = ResultsStore.for_store(store_path)
     report = InferenceReport(
-        spectral_model.name, spectral_model.weights_sha256, spectral_model.grid, snapshot_id, n_spectra=0, n_skipped=0
+        spectral_model.name, spectral_model.weights_sha256, spectral_model.grid, snapshot_id, n_spectra=0, n_skipped=0,
+        photometry=(photometry_path or phot.HEADER_FALLBACK) if photometry_keys else None,
     )
     if dataset is None:
         report.seconds = time.perf_counter() - began
@@ -407,6 +449,14 @@ def run_inference(
     spectrum_ids = as_str_array(dataset["spectrum_id"].values)
     report.n_spectra = len(spectrum_ids)
     done = results.completed_ids(spectral_model.name, spectral_model.weights_sha256)
+    if photometry_path is not None and done:  # results of other photometry are stale
+        inputs = phot.gather_inputs(photometry_path, spectrum_ids, phot.header_photometry(dataset), photometry_keys)
+        changed = phot.changed_inputs(results.part_dir(spectral_model.name, spectral_model.weights_sha256), inputs)
+        report.n_photometry_changed = len(changed)
+        done -= changed
+    elif photometry_keys and photometry_path is None:
+        log.warning("%s: no photometry table; using the store's header 2MASS J/H/K, Gaia bands imputed (every row "
+                    "missing_photometry); run `catalogbuilder crossmatch` and pass --photometry", spectral_model.name)
     pending = ~np.isin(spectrum_ids, list(done)) if done else np.ones(len(spectrum_ids), dtype=bool)
     report.n_skipped = int((~pending).sum())
 
@@ -426,6 +476,8 @@ def run_inference(
         draws=draws,
         seed=seed,
         batch_size=batch_size,
+        photometry_keys=photometry_keys,
+        photometry_path=photometry_path,
     )
     tasks = []
     store_chunks = dataset["flux"].variable.chunksizes.get("spectrum")  # the data's own chunks, not the coordinates
@@ -465,6 +517,7 @@ def run_inference(
         report.n_ok += summary.n_ok
         report.n_no_result += summary.n_no_result
         report.n_degenerate += summary.n_degenerate
+        report.n_missing_photometry += summary.n_missing_photometry
         bar.update(summary.n_spectra)
         future.release()
     bar.close()
@@ -481,7 +534,7 @@ def _record_failed_task(
     log.warning("task %d-%d failed: %s", task.start, task.stop, reason)
     report.failed_chunks.append((task.start, task.stop, reason))
     frame = provenance_frame(spectrum_ids, task, STATUS_NO_RESULT, reason)
-    for name in value_columns(task.outputs):
+    for name in value_columns(task.outputs) + phot.result_columns(task.photometry_keys):  # same columns in every part
         frame[name] = np.nan
     part = results.write_part(frame)
     return ChunkSummary(task.start, task.stop, len(frame), 0, len(frame), 0, "", str(part) if part else None, 0.0)

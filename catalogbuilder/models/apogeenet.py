@@ -169,6 +169,11 @@ class ApogeeNetModel(SpectralModel):
     def needs_photometry(self) -> bool:  # type: ignore[override]
         return self.network.with_metadata
 
+    @property
+    def photometry_keys(self) -> tuple[str, ...]:
+        """Keys ``predict`` reads from ``photometry`` (:data:`METADATA_KEYS`; none for Net I)."""
+        return METADATA_KEYS if self.network.with_metadata else ()
+
     def predict_labels(self, flux: torch.Tensor, spectrum_index: torch.Tensor,
                        metadata: torch.Tensor | None = None) -> torch.Tensor:
         """Forward one batch of raw flux rows (NaN → 0) → (rows, 3) labels in physical units; ``metadata`` holds the
