@@ -57,7 +57,7 @@ def check_photometry_table(path: str | Path, keys: Sequence[str]) -> Path:
     try:
         dataset = _dataset(path)
         names = dataset.schema.names
-    except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
+    except Exception as error:  # pyarrow raises several types for a file that is not Parquet
         raise ValueError(f"photometry table {path} is not readable as Parquet: {error}") from error
     present = [key for key in keys if key in names]
     if ID_COLUMN not in names or not present:
