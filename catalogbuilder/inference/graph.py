@@ -431,6 +431,8 @@ def run_inference(
     if not Path(store_path).is_dir():
         raise FileNotFoundError(f"no spectrum store at {store_path}")
     photometry_keys = tuple(getattr(spectral_model, "photometry_keys", ())) if spectral_model.needs_photometry else ()
+    if spectral_model.needs_photometry and not photometry_keys:
+        raise ValueError(f"model {spectral_model.name!r} needs photometry but names no photometry_keys to read")
     if photometry is not None and not photometry_keys:
         log.warning("model %s reads no photometry: ignoring %s", spectral_model.name, photometry)
     photometry_path = str(phot.check_photometry_table(photometry, photometry_keys)) if (
