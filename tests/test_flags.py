@@ -62,6 +62,9 @@ def test_good_row_sets_no_flag() -> None:
         ({"snr": 10.0}, 0), ({"snr": 9.99}, F.RESULT_UNRELIABLE), ({"snr": np.nan}, 0),
         ({"good_pixel_fraction": 0.5}, 0), ({"good_pixel_fraction": 0.49}, F.RESULT_UNRELIABLE),
         ({"flux_constant": True}, F.RESULT_UNRELIABLE),
+        # bit 10 also outside the model's training domain (inference column outside_domain), only for real results
+        ({"outside_domain": 1.0}, F.RESULT_UNRELIABLE), ({"outside_domain": 0.0}, 0), ({"outside_domain": np.nan}, 0),
+        ({"outside_domain": 1.0, "status": "no_result"}, F.NO_RESULT),
         # bit 11: status or non-finite values; the value/error bits are then not evaluated
         ({"status": "no_result"}, F.NO_RESULT), ({"teff": np.nan}, F.NO_RESULT), ({"logg": np.inf}, F.NO_RESULT),
         ({"fe_h": -np.inf, "raw_e_fe_h": np.nan}, F.NO_RESULT),

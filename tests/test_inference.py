@@ -228,6 +228,24 @@ def test_inference_reproduces_the_reference_and_a_rerun_does_nothing(
     assert part_files(store) == parts, "a rerun writes nothing"
 
 
+def test_predictions_outside_the_model_domain_are_marked(client: Client, store: Path, small_model: Path,
+                                                         tmp_path: Path) -> None:
+    """A model whose catalogbuilder.yaml gives a training domain marks each result outside it (outside_domain = 1),
+    which the release turns into RESULT_UNRELIABLE; without a domain the column is absent."""
+    model_dir = Path(shutil.copytree(small_model, tmp_path / "with_domain"))
+    reference = run_inference(client, store, small_model, draws=0, progress=False)
+    plain = ResultsStore.for_store(store).read(reference.model_name)
+    assert "outside_domain" not in plain.columns
+    median_teff = float(plain["teff"].median())
+    (model_dir / "catalogbuilder.yaml").write_text(f"name: with_domain\ndomain:\n  teff: [0, {median_teff}]\n")
+    run_inference(client, store, model_dir, draws=0, progress=False)
+    marked = ResultsStore.for_store(store).read("with_domain").merge(plain[["spectrum_id", "teff"]], on="spectrum_id",
+                                                                     suffixes=("", "_plain"))
+    np.testing.assert_array_equal(marked["teff"], marked["teff_plain"])
+    np.testing.assert_array_equal(marked["outside_domain"], (marked["teff"] > median_teff).astype(float))
+    assert 0 < marked["outside_domain"].sum() < len(marked)
+
+
 def test_new_weights_recompute_every_row(client: Client, store: Path, small_model: Path, tmp_path: Path) -> None:
     from catalogbuilder.models.weights import load_state_dict, save_state_dict
 

@@ -9,8 +9,9 @@ Rules (see docs/release.md for the reasoning behind each threshold):
 * Bits 6–8: the recommended error is above ``e_teff_fraction``·teff, ``e_logg_max`` or ``e_fe_h_max`` (a raw error
   already flagged by bits 3–5 is not judged again; E_TEFF_LARGE needs teff > 0, otherwise bit 0 says it all).
 * Bit 9: no cross-match counterpart, or any band in ``required_bands`` missing (``missing_bands`` non-empty).
-* Bit 10: S/N below ``snr_min``, fewer than ``min_good_pixel_fraction`` of the grid pixels finite and positive, or a
-  constant flux (degenerate input). Bits 9 and 10 are evaluated for every row, with or without a result.
+* Bit 10: S/N below ``snr_min``, fewer than ``min_good_pixel_fraction`` of the grid pixels finite and positive, a
+  constant flux (degenerate input), or a result outside the model's training domain (``outside_domain`` of the
+  inference results, from the ``domain`` of the model's ``catalogbuilder.yaml``). Bits 9 and 10 are evaluated for every row, with or without a result.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ FLAG_DESCRIPTIONS: dict[ResultFlag, str] = {
     ResultFlag.E_LOGG_LARGE: "e_logg > {e_logg_max:g} dex",
     ResultFlag.E_FE_H_LARGE: "e_fe_h > {e_fe_h_max:g} dex",
     ResultFlag.MISSING_PHOTOMETRY: "no Gaia counterpart or a missing band of {required}",
-    ResultFlag.RESULT_UNRELIABLE: "snr < {snr_min:g}, good-pixel fraction < {min_good_pixel_fraction:g}, or constant flux",
+    ResultFlag.RESULT_UNRELIABLE: "snr < {snr_min:g}, good-pixel fraction < {min_good_pixel_fraction:g}, constant flux, "
+                                  "or a prediction outside the model's training domain",
     ResultFlag.NO_RESULT: "spectrum not read or not processed, or non-finite teff/logg/fe_h; values NaN",
 }
 
@@ -137,9 +139,11 @@ def result_flags(frame: pd.DataFrame, thresholds: FlagThresholds = FlagThreshold
     snr = _column(frame, "snr", np.nan).to_numpy(float)
     good_fraction = _column(frame, "good_pixel_fraction", np.nan).to_numpy(float)
     constant = _column(frame, "flux_constant", False).fillna(False).astype(bool).to_numpy()
+    outside_domain = _column(frame, "outside_domain", 0.0).fillna(0.0).to_numpy(float) > 0
     set_bit(
         ResultFlag.RESULT_UNRELIABLE,
-        (snr < thresholds.snr_min) | (good_fraction < thresholds.min_good_pixel_fraction) | constant,
+        (snr < thresholds.snr_min) | (good_fraction < thresholds.min_good_pixel_fraction) | constant
+        | (has_result & outside_domain),
     )
     return flags
 

@@ -32,6 +32,7 @@ from catalogbuilder.cluster import GPU_RESOURCE
 from catalogbuilder.constants import DEFAULT_DRAWS, FLUX_FLOOR
 from catalogbuilder.inference import photometry as phot
 from catalogbuilder.inference.results import (
+    OUTSIDE_DOMAIN,
     STATUS_NO_RESULT,
     STATUS_OK,
     ResultsStore,
@@ -309,6 +310,8 @@ def predict_chunk(task: ChunkTask, model: Any) -> pd.DataFrame:
     frame = provenance_frame(spectrum_ids, task, status, reason)
     for name, column in values.items():
         frame[name] = column
+    if model.info.domain:  # read by the flags stage: RESULT_UNRELIABLE outside the training domain
+        frame[OUTSIDE_DOMAIN] = model.outside_domain(values).astype(np.float64)
     if inputs is not None:
         for key, column in zip(task.photometry_keys, phot.input_columns(task.photometry_keys)):
             frame[column] = inputs[key].to_numpy()

@@ -23,6 +23,7 @@ RESULTS_DIRNAME = "results"
 STATUS_OK = "ok"
 STATUS_NO_RESULT = "no_result"
 STATUSES: tuple[str, ...] = (STATUS_OK, STATUS_NO_RESULT)
+OUTSIDE_DOMAIN = "outside_domain"  # 1.0 where a prediction lies outside the model's training domain (catalogbuilder.yaml)
 WEIGHTS_DIR_CHARS = 16  # the weights folder is named by the first 16 hex digits of the weights sha256
 
 # Provenance columns of every row, in order, with their Arrow types; every other column is a float64 value.
@@ -132,8 +133,11 @@ class ResultsStore:
 
     @staticmethod
     def _read_dir(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """All parts of one weights folder (hidden temporary files excluded) as a DataFrame."""
+        """All parts of one weights folder (hidden temporary files excluded) as a DataFrame; a column missing from
+        some parts (e.g. written by an older version) is null there rather than dropped."""
         dataset = pads.dataset(path, format="parquet", ignore_prefixes=[".", "_"])
+        schema = pa.unify_schemas([fragment.physical_schema for fragment in dataset.get_fragments()])
+        dataset = pads.dataset(path, format="parquet", ignore_prefixes=[".", "_"], schema=schema)
         return dataset.to_table(columns=list(columns) if columns else None).to_pandas()
 
     def completed_ids(self, model_name: str, weights_sha256: str) -> set[str]:

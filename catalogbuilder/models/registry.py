@@ -111,6 +111,17 @@ class SpectralModel(abc.ABC):
         """Per spectrum: every output, ``raw_e_<output>`` (std over draws; NaN when draws=0), ``logteff`` and
         ``raw_e_logteff``. ``flux``/``error`` are (spectra, pixels) on the model grid; ``seeds`` one int per spectrum."""
 
+    def outside_domain(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """True per spectrum where a predicted output with a ``domain`` range lies outside it (NaN is not judged
+        here: it is a missing result). All False for models without a domain."""
+        n_rows = len(next(iter(values.values()))) if values else 0
+        outside = np.zeros(n_rows, dtype=bool)
+        for output, (low, high) in self.info.domain.items():
+            if output in values:
+                predicted = np.asarray(values[output], dtype=float)
+                outside |= (predicted < low) | (predicted > high)
+        return outside
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, family={self.family!r}, grid={self.grid!r}, "
                 f"weights_sha256={self.weights_sha256[:16]!r}…, outputs={self.outputs}, device={str(self.device)!r})")
