@@ -6,6 +6,8 @@ import contextlib
 import sys
 from typing import TYPE_CHECKING
 
+import dask
+
 from catalogbuilder.cluster import add_cluster_arguments, connect_from_args
 from catalogbuilder.crossmatch.match import DEFAULT_RADIUS_ARCSEC
 
@@ -44,9 +46,10 @@ def catalog_columns(pairs: list[str]) -> CatalogColumns:
 
 
 def cluster_or_local(args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """The cluster named by the options, or no client at all (Dask's local scheduler in this process)."""
+    """The cluster named by the options, or Dask's threaded scheduler in this process (explicitly, so that a
+    distributed client left open in the same process is never used by accident)."""
     asked = any(getattr(args, name, None) for name in ("cluster", "scheduler_file", "address", "runner", "workers"))
-    return connect_from_args(args) if asked else contextlib.nullcontext()
+    return connect_from_args(args) if asked else dask.config.set(scheduler="threads")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
