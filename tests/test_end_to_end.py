@@ -281,3 +281,26 @@ def test_an_unreadable_file_becomes_a_no_result_row(client: Client, models: dict
     failed = rows.loc[rows["file"] == str(broken)].iloc[0]
     assert failed["status"] == "no_result" and failed["result_flags"] & int(ResultFlag.NO_RESULT)
     assert failed["flag_bad"] and "rejected at ingest" in failed["reason"] and np.isnan(failed["teff"])
+
+
+def test_photometry_models_run_after_a_cross_match(client: Client, tmp_path: Path) -> None:
+    """A workflow listing APOGEE Net II (spectrum + Gaia/2MASS input) cross-matches before inferring: the model sees
+    the catalog's parallax and G and the header 2MASS, and the release flags the missing BP/RP."""
+    from catalogbuilder.models.apogeenet import write_initialised_model
+
+    net2 = tmp_path / "apogeenet2-random"
+    write_initialised_model(net2, "apogeenet2", seed=3)
+    apstar = [str(path) for path in sorted((SAMPLE_DIR / "apogee").glob("apStar-*.fits"))]
+    folder = tmp_path / "net2"
+    result = run(client, write_config(folder, apstar, {"apogee": [str(net2)]}))
+    assert not result.failed_tasks
+    matches = pd.read_parquet(folder / "out" / "crossmatch.parquet")
+    results = ResultsStore.for_store(folder / "store").read(net2.name).merge(matches, on="spectrum_id")
+    assert len(results) == len(matches) > 0 and (results["status"] == "ok").all()
+    assert results["gaia_matched"].all(), "the shipped catalog holds the sample's APOGEE stars"
+    np.testing.assert_array_equal(results["input_parallax"], results["parallax"])
+    np.testing.assert_array_equal(results["input_phot_g_mean_mag"], results["phot_g_mean_mag"])
+    np.testing.assert_array_equal(results["input_tmass_h"], results["tmass_h"])
+    assert results["input_phot_bp_mean_mag"].isna().all() and (results["missing_photometry"] == 1).all()
+    table = pd.concat(read_tables(folder / "out").values())
+    assert ((table["result_flags"] & int(ResultFlag.MISSING_PHOTOMETRY)) != 0).all()

@@ -20,16 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import dask
 import yaml
 from distributed import Client
 
 from catalogbuilder.constants import DEFAULT_DRAWS, GRIDS
-from catalogbuilder.crossmatch.match import DEFAULT_RADIUS_ARCSEC
+from catalogbuilder.crossmatch.match import DEFAULT_RADIUS_ARCSEC, crossmatch
 from catalogbuilder.inference.graph import DEFAULT_BATCH_SIZE, DEFAULT_RETRIES, DEVICES, InferenceReport, run_inference
 from catalogbuilder.models.registry import load_model
 from catalogbuilder.readers import SURVEY_CHOICES
-from catalogbuilder.release.tables import ReleaseTable, build_release
+from catalogbuilder.release.tables import ReleaseTable, build_release, load_store_frames
 from catalogbuilder.store import IngestReport, SpectrumStore, expand_inputs
 
 log = logging.getLogger(__name__)
@@ -158,8 +157,10 @@ def load_config(path: str | Path = DEFAULT_CONFIG, cwd: Path | None = None) -> W
         return parse_config(yaml.safe_load(handle), base=path.parent, cwd=cwd)
 
 
-def check_models(config: WorkflowConfig) -> None:
-    """Every configured model loads and predicts on the grid it is listed under (fails before any work is done)."""
+def check_models(config: WorkflowConfig) -> set[str]:
+    """Every configured model loads and predicts on the grid it is listed under (fails before any work is done);
+    returns the models that also need photometry (APOGEE Net II), which are run after a cross-match."""
+    needs_photometry = set()
     for grid, names in config.models.items():
         for name in names:
             try:
@@ -168,6 +169,19 @@ def check_models(config: WorkflowConfig) -> None:
                 raise WorkflowConfigError(f"models.{grid}: {error}") from error
             if model.grid != grid:
                 raise WorkflowConfigError(f"model {name!r} predicts on the {model.grid!r} grid, listed under {grid!r}")
+            if model.needs_photometry:
+                needs_photometry.add(name)
+    return needs_photometry
+
+
+def photometry_table(config: WorkflowConfig) -> Path:
+    """Cross-match the store with the configured catalogs into ``<output>/crossmatch.parquet`` before inference, for
+    the models that take Gaia/2MASS photometry as input (the release repeats the same match for its flags)."""
+    spectra, _, _ = load_store_frames(config.store)
+    path = Path(config.output) / "crossmatch.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crossmatch(spectra, config.catalogs, config.radius_arcsec).to_parquet(path, index=False)
+    return path
 
 
 def run_workflow(client: Client, config: WorkflowConfig) -> WorkflowResult:
@@ -175,16 +189,13 @@ def run_workflow(client: Client, config: WorkflowConfig) -> WorkflowResult:
     only), then cross-match, calibrate, flag and write the release tables from everything in the store."""
     seconds: dict[str, float] = {}
     began = time.perf_counter()
-    check_models(config)
+    needs_photometry = check_models(config)
     seconds["check"] = time.perf_counter() - began
     store = SpectrumStore.open(config.store)
-    # Adaptor: ingest reads the store's ledger as lazy dask arrays of a writable icechunk session, which the default
-    # distributed client cannot pickle; the synchronous scheduler reads them here. Reading and resampling the files
-    # still runs on ``client``, which ingest is given explicitly.
-    with dask.config.set(scheduler="synchronous"):
-        ingest = store.ingest(expand_inputs(config.inputs), survey=config.survey, client=client, progress=config.progress)
+    ingest = store.ingest(expand_inputs(config.inputs), survey=config.survey, client=client, progress=config.progress)
     log.info("ingest: %s", ingest.summary())
     seconds["ingest"] = time.perf_counter() - began - sum(seconds.values())
+    photometry = photometry_table(config) if needs_photometry else None
     reports = []
     for grid, names in config.models.items():
         if store.dataset(grid) is None:
@@ -195,7 +206,7 @@ def run_workflow(client: Client, config: WorkflowConfig) -> WorkflowResult:
                 run_inference(
                     client, config.store, name, draws=config.draws, seed=config.seed, batch_size=config.batch_size,
                     spectra_per_task=config.spectra_per_task, device=config.device, retries=config.retries,
-                    progress=config.progress,
+                    progress=config.progress, photometry=photometry if name in needs_photometry else None,
                 )
             )
     seconds["infer"] = time.perf_counter() - began - sum(seconds.values())
