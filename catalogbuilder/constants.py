@@ -70,6 +70,17 @@ LABEL_STATS: dict[str, dict[str, tuple[float, float]]] = {
     "apogeenet2": {"logTeff": (3.67057, 0.09177), "logg": (2.92578, 1.18907), "FeH": (-0.13088, 0.25669)},
     "apogeenet1": {"logg": (2.88, 1.16), "Teff": (4716.92, 733.01), "FeH": (-0.22, 0.30)},
 }
+# APOGEE Net II metadata inputs (parallax mas, magnitudes mag): (replacement for a missing value, MEAN, STD) of the
+# reference implementation (hutchresearch APOGEE Net II / Astra ApogeeNetV2); input = (value - MEAN) / STD.
+APOGEENET2_PHOTOMETRY_STATS: dict[str, tuple[float, float, float]] = {
+    "parallax": (-84.82700, -0.6959113178296891, 14.572430555504504),
+    "phot_g_mean_mag": (21.40844, 13.630030428758845, 2.2762944923233883),
+    "phot_bp_mean_mag": (24.53892, 14.5224418320574, 2.8342029214199704),
+    "phot_rp_mean_mag": (20.26276, 12.832448427460813, 2.136884367623457),
+    "tmass_j": (18.43900, 11.537019017423619, 1.6793628207779732),
+    "tmass_h": (24.00000, 10.858717523536697, 1.4888102872755238),
+    "tmass_k": (17.02500, 10.702106344460235, 1.5848713221149886),
+}
 
 # --- preprocessing (SPEC §2) ---------------------------------------------------------------------------------
 FLUX_FLOOR: float = 1e-6

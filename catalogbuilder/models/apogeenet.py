@@ -34,7 +34,7 @@ import yaml
 from torch import nn
 from torch.nn import functional as F
 
-from catalogbuilder.constants import APOGEE_NPIX, DEFAULT_DRAWS, GRID_APOGEE
+from catalogbuilder.constants import APOGEE_NPIX, APOGEENET2_PHOTOMETRY_STATS, DEFAULT_DRAWS, GRID_APOGEE
 from catalogbuilder.models.montecarlo import DEFAULT_MAX_BATCH, canonical_outputs, monte_carlo_predict
 from catalogbuilder.models.preprocess import load_label_stats, unnormalize
 from catalogbuilder.models.registry import MODEL_INFO_FILE, ModelInfo, SpectralModel, register_family
@@ -47,15 +47,13 @@ NET1_LABELS: tuple[str, ...] = ("logg", "Teff", "FeH")
 NET2_LABELS: tuple[str, ...] = ("logg", "logTeff", "FeH")
 
 # Net II metadata: canonical photometry keys (crossmatch output names) in network order, and the reference's
-# fixed replacement values, means and standard deviations (hutchresearch APOGEE Net II / Astra ApogeeNetV2).
+# replacement values, means and standard deviations from constants.APOGEENET2_PHOTOMETRY_STATS.
 METADATA_KEYS: tuple[str, ...] = (
     "parallax", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "tmass_j", "tmass_h", "tmass_k",
 )
-METADATA_REPLACEMENT = np.array([-84.82700, 21.40844, 24.53892, 20.26276, 18.43900, 24.00000, 17.02500])
-METADATA_MEAN = np.array([-0.6959113178296891, 13.630030428758845, 14.5224418320574, 12.832448427460813,
-                          11.537019017423619, 10.858717523536697, 10.702106344460235])
-METADATA_STD = np.array([14.572430555504504, 2.2762944923233883, 2.8342029214199704, 2.136884367623457,
-                         1.6793628207779732, 1.4888102872755238, 1.5848713221149886])
+METADATA_REPLACEMENT = np.array([APOGEENET2_PHOTOMETRY_STATS[key][0] for key in METADATA_KEYS])
+METADATA_MEAN = np.array([APOGEENET2_PHOTOMETRY_STATS[key][1] for key in METADATA_KEYS])
+METADATA_STD = np.array([APOGEENET2_PHOTOMETRY_STATS[key][2] for key in METADATA_KEYS])
 METADATA_VALID_BELOW = 98.0  # 99.99-style sentinels
 METADATA_VALID_ABOVE = -1.0  # -9999-style sentinels (and parallaxes ≤ −1 mas)
 
