@@ -145,6 +145,16 @@ def hdu_data(hdul: fits.HDUList, key: int | str) -> np.ndarray | fits.FITS_rec:
     return data
 
 
+def find_table(hdul: fits.HDUList, name: str, required_columns: set[str]) -> fits.BinTableHDU | None:
+    """The binary-table HDU called ``name`` (any case) that has all ``required_columns`` (lower-case names,
+    matched case-insensitively), or None."""
+    for hdu in hdul[1:]:
+        if hdu.name.upper() == name.upper() and isinstance(hdu, fits.BinTableHDU):
+            if required_columns <= {column.lower() for column in hdu.columns.names}:
+                return hdu
+    return None
+
+
 def header_number(header: fits.Header, *keys: str, magnitude: bool = False) -> float:
     """First of ``keys`` present in ``header`` with a finite numeric value, as float; NaN if none.
 

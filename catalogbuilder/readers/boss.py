@@ -14,6 +14,7 @@ from catalogbuilder.readers.base import (
     ReaderError,
     Spectrum,
     check_measured,
+    find_table,
     hdu_data,
     header_number,
     header_text,
@@ -35,11 +36,7 @@ def is_sdss(hdul: fits.HDUList) -> bool:
 
 def coadd_table(hdul: fits.HDUList) -> fits.BinTableHDU | None:
     """The binary table named ``COADD`` when it has flux, ivar and loglam columns, else None."""
-    for hdu in hdul[1:]:
-        if hdu.name.upper() == "COADD" and isinstance(hdu, fits.BinTableHDU):
-            if {"flux", "ivar", "loglam"} <= {name.lower() for name in hdu.columns.names}:
-                return hdu
-    return None
+    return find_table(hdul, "COADD", {"flux", "ivar", "loglam"})
 
 
 def matches(hdul: fits.HDUList) -> bool:

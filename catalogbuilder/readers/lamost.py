@@ -21,6 +21,7 @@ from catalogbuilder.readers.base import (
     ReaderError,
     Spectrum,
     check_measured,
+    find_table,
     hdu_data,
     header_number,
     header_text,
@@ -47,11 +48,7 @@ def is_mrs(hdul: fits.HDUList) -> bool:
 
 def _coadd_table(hdul: fits.HDUList) -> fits.BinTableHDU | None:
     """The DR8+ ``COADD`` table with FLUX, IVAR and WAVELENGTH columns, or None."""
-    for hdu in hdul[1:]:
-        if hdu.name.upper() == "COADD" and isinstance(hdu, fits.BinTableHDU):
-            if {"flux", "ivar", "wavelength"} <= {n.lower() for n in hdu.columns.names}:
-                return hdu
-    return None
+    return find_table(hdul, "COADD", {"flux", "ivar", "wavelength"})
 
 
 def _is_image(hdul: fits.HDUList) -> bool:

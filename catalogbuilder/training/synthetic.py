@@ -169,11 +169,13 @@ def generate(
     flux_scale_range: tuple[float, float] = (0.05, 20.0),
     max_tilt: float = 0.1,
     blackbody_slope: bool = True,
+    max_curvature: float = 0.0,
 ) -> SyntheticSpectra:
     """``n`` apStar-like spectra: emulated normalised flux × continuum, noise from real error arrays.
 
     Per spectrum: labels uniform in the emulator box; a random template; continuum × log-uniform scale in
-    ``flux_scale_range`` × (1 + tilt·x), x ∈ [−1, 1] across the grid and tilt uniform in ±``max_tilt``, × the
+    ``flux_scale_range`` × exp(tilt·x + curvature·(x² − 1/3)), x ∈ [−1, 1] across the grid, tilt and curvature uniform
+    in ±``max_tilt`` and ±``max_curvature`` (drawn independently of the labels), × the
     black-body ratio B(Teff)/B(Teff_template) when ``blackbody_slope`` (it ties the continuum slope to Teff through the
     template star's header Teff); pixels with template data but outside the emulator's coverage keep
     the bare continuum (no lines); pixels without data are 0 with error 0, as the APOGEE reader stores chip gaps.
@@ -185,9 +187,10 @@ def generate(
     continuum = np.stack([templates[k].continuum for k in chosen])
     relative_error = np.stack([templates[k].relative_error for k in chosen])
     x = np.linspace(-1.0, 1.0, APOGEE_NPIX)
-    tilt = 1.0 + rng.uniform(-max_tilt, max_tilt, size=(n, 1)) * x
-    scale = np.exp(rng.uniform(*np.log(flux_scale_range), size=(n, 1)))
-    continuum = continuum * tilt * scale
+    tilt = rng.uniform(-max_tilt, max_tilt, size=(n, 1))
+    curvature = rng.uniform(-max_curvature, max_curvature, size=(n, 1))
+    log_scale = rng.uniform(*np.log(flux_scale_range), size=(n, 1))
+    continuum = continuum * np.exp(log_scale + tilt * x + curvature * (x**2 - 1.0 / 3.0))
     if blackbody_slope:
         continuum *= _blackbody_ratio(labels[:, 0], np.array([templates[k].teff for k in chosen]))
 
