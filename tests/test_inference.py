@@ -140,23 +140,6 @@ def small_model(conformance_dir: Path) -> Path:
     return conformance_dir / "apogee_small"
 
 
-@pytest.fixture(scope="module")
-def ingested_store(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """A spectrum store holding the 7 spectra of the two real apStar files (one row entirely zero)."""
-    from catalogbuilder.store.spectra import SpectrumStore
-
-    path = tmp_path_factory.mktemp("ingested") / "store"
-    report = SpectrumStore.open(path).ingest(sorted((shared_data / "apogee").glob("apStar-*.fits")), progress=False)
-    assert report.added["apogee"] == 7
-    return path
-
-
-@pytest.fixture
-def store(ingested_store: Path, tmp_path: Path) -> Path:
-    """A private copy of the ingested store (results are written inside it)."""
-    return Path(shutil.copytree(ingested_store, tmp_path / "store"))
-
-
 def store_rows(store_path: Path, shared_data: Path, grid: str) -> pd.DataFrame:
     """spectrum_id → conformance input name (``<survey folder>/<file>[row]``) of every spectrum of a grid."""
     from catalogbuilder.store.spectra import SpectrumStore

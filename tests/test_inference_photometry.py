@@ -3,7 +3,6 @@
 ``model.predict`` with the same photometry and seeds, rows lacking Gaia BP/RP are marked and the release flags them."""
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,21 +45,6 @@ def client() -> Iterator[Client]:
     with (LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
           Client(cluster) as dask_client):
         yield dask_client
-
-
-@pytest.fixture(scope="module")
-def ingested_store(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """The 7 spectra (2 stars) of the real apStar files."""
-    path = tmp_path_factory.mktemp("photometry") / "store"
-    report = SpectrumStore.open(path).ingest(sorted((shared_data / "apogee").glob("apStar-*.fits")), progress=False)
-    assert report.added["apogee"] == 7
-    return path
-
-
-@pytest.fixture
-def store(ingested_store: Path, tmp_path: Path) -> Path:
-    """A private copy of the store (results are written inside it)."""
-    return Path(shutil.copytree(ingested_store, tmp_path / "store"))
 
 
 @pytest.fixture(scope="module")

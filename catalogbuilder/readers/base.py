@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 from astropy.io import fits
 
-from catalogbuilder.constants import ERROR_CAP_FACTOR, MJD_OFFSET, PIXMASK_NO_COVERAGE
+from catalogbuilder.constants import ERROR_CAP_FACTOR, PIXMASK_NO_COVERAGE
 
 READER_VERSION = "1"
 
