@@ -1,76 +1,163 @@
-"""``catalogbuilder train``: train a BossNet-family model on a spectrum store joined to a label table."""
+"""``catalogbuilder train``: train any network family — BossNet, APOGEE Net I/II on a spectrum store joined to a label
+table, or the photometric MLP (dispatched to :mod:`catalogbuilder.photometric.train`)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
 
 from catalogbuilder.constants import GRIDS
 
 DEFAULT_LABEL_COLUMNS = "teff=TEFF,logg=LOGG,fe_h=FE_H"
+PHOTOMETRIC_FAMILY = "photometric"
+FAMILIES: tuple[str, ...] = ("bossnet", "apogeenet1", "apogeenet2", PHOTOMETRIC_FAMILY)
+
+# Options that only some families read (argparse dest → families); giving one to another family is an error, so a
+# misspelt family never silently trains something else. Their defaults are None and resolved per family below.
+FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "store": ("bossnet", "apogeenet1", "apogeenet2"),
+    "labels": ("bossnet", "apogeenet1", "apogeenet2"),
+    "config": ("bossnet", "apogeenet1", "apogeenet2"),
+    "label_columns": ("bossnet", "apogeenet1", "apogeenet2"),
+    "join_on": ("bossnet", "apogeenet1", "apogeenet2"),
+    "label_key": ("bossnet", "apogeenet1", "apogeenet2"),
+    "grid": ("bossnet", "apogeenet1", "apogeenet2"),
+    "kind": ("bossnet", "apogeenet1", "apogeenet2"),
+    "description": ("bossnet", "apogeenet1", "apogeenet2"),
+    "epochs": ("bossnet", "apogeenet1", "apogeenet2"),
+    "samples_per_epoch": ("bossnet", "apogeenet1", "apogeenet2"),
+    "device": ("bossnet", "apogeenet1", "apogeenet2"),
+    "photometry": ("apogeenet2",),
+    "apokasc": (PHOTOMETRIC_FAMILY,),
+    "gaia": (PHOTOMETRIC_FAMILY,),
+    "epochs_mae": (PHOTOMETRIC_FAMILY,),
+    "epochs_smape": (PHOTOMETRIC_FAMILY,),
+}
+REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "bossnet": ("store", "labels", "config"),
+    "apogeenet1": ("store", "labels"),
+    "apogeenet2": ("store", "labels"),
+    PHOTOMETRIC_FAMILY: ("apokasc", "gaia"),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` sub-command."""
     parser = subparsers.add_parser(
         "train",
-        help="train a BossNet-family model (official weight format) on stored spectra and a label table",
-        description="Train a BossNet-family model on the spectra of a store joined to a label table (FITS, CSV or "
-        "Parquet). Targets are z-scored with training-set stats (stats.yaml), loss weights are 1/KDE density in "
-        "Teff-logg (cap 5, mean 1), the split is 80/10/10 by star, early stopping has patience 5. Writes "
-        "model_args.yaml, stats.yaml, model_chunk_0..9, catalogbuilder.yaml and training_report/ into --out.",
+        help="train a model of any family (bossnet, apogeenet1, apogeenet2, photometric) into a loadable model directory",
+        description="Train a BossNet-family or APOGEE Net I/II model on the spectra of a store joined to a label table "
+        "(FITS, CSV or Parquet): targets z-scored with training-set stats (stats.yaml), loss weights 1/KDE density in "
+        "Teff-logg (cap 5, mean 1), 80/10/10 split by star, noise augmentation, early stopping (patience 5). Writes "
+        "model_args.yaml, stats.yaml, model_chunk_0..9, catalogbuilder.yaml and training_report/ into --out. "
+        "--family photometric trains the photometric MLP on APOKASC x Gaia (as `catalogbuilder photometric-train`).",
     )
-    parser.add_argument("--store", required=True, help="spectrum store directory (catalogbuilder ingest)")
-    parser.add_argument("--labels", required=True, help="label table: .fits, .csv or .parquet")
-    parser.add_argument("--config", required=True, help="model_args.yaml with the BossNet constructor arguments")
+    parser.add_argument("--family", choices=FAMILIES, default="bossnet", help="network family (default bossnet)")
     parser.add_argument("--out", required=True, help="output model directory")
-    parser.add_argument("--label-columns", default=DEFAULT_LABEL_COLUMNS,
-                        help=f"canonical=COLUMN pairs among teff, logg, fe_h, rv (default {DEFAULT_LABEL_COLUMNS}); "
-                        "rv is needed for 4-target models")
-    parser.add_argument("--join-on", choices=("source_id", "file"), default="source_id",
-                        help="match spectra to label rows by object id or by file base name (default source_id)")
-    parser.add_argument("--label-key", default=None,
-                        help="key column of the label table (default: source_id, or filename with --join-on file)")
-    parser.add_argument("--grid", choices=GRIDS, default=None, help="model grid (default: the store's only grid)")
-    parser.add_argument("--kind", choices=("all", "combined", "visit"), default="all", help="spectra to train on")
     parser.add_argument("--name", default=None, help="model name in catalogbuilder.yaml (default: --out's basename)")
-    parser.add_argument("--description", default="", help="one-line description for catalogbuilder.yaml")
-    parser.add_argument("--epochs", type=int, default=100, help="maximum epochs (default 100)")
-    parser.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
-    parser.add_argument("--samples-per-epoch", type=int, default=0,
-                        help="pass a small training set several times per epoch (fresh noise each pass) until this "
-                        "many samples were seen (default 0: one pass)")
-    parser.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default 32)")
-    parser.add_argument("--learning-rate", type=float, default=2e-3, help="Adamax learning rate (default 2e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and noise (default 0)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default 32; photometric 128)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="learning rate (default 2e-3: Adamax; photometric: AdamW 2e-3)")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="early-stopping patience in epochs (default 5; photometric 30)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the split, initialisation and noise (default 0; photometric 20240601)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; "
+                        "photometric 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    spectral = parser.add_argument_group("spectral families (bossnet, apogeenet1, apogeenet2)")
+    spectral.add_argument("--store", help="spectrum store directory (catalogbuilder ingest)")
+    spectral.add_argument("--labels", help="label table: .fits, .csv or .parquet")
+    spectral.add_argument("--config", help="model_args.yaml: the BossNet constructor arguments (required for bossnet); "
+                          "for apogeenet1/2 optional, it may only set dropout (the architecture is fixed)")
+    spectral.add_argument("--photometry", metavar="PARQUET",
+                          help="apogeenet2: crossmatch table (spectrum_id + parallax, phot_g/bp/rp_mean_mag, "
+                          "tmass_j/h/k); without it the store's header 2MASS is used and Gaia inputs are imputed")
+    spectral.add_argument("--label-columns", default=None,
+                          help=f"canonical=COLUMN pairs among teff, logg, fe_h, rv (default {DEFAULT_LABEL_COLUMNS}); "
+                          "rv is needed for 4-target BossNet models")
+    spectral.add_argument("--join-on", choices=("source_id", "file"), default=None,
+                          help="match spectra to label rows by object id or by file base name (default source_id)")
+    spectral.add_argument("--label-key", default=None,
+                          help="key column of the label table (default: source_id, or filename with --join-on file)")
+    spectral.add_argument("--grid", choices=GRIDS, default=None,
+                          help="model grid (default: the store's only grid; apogee for apogeenet1/2)")
+    spectral.add_argument("--kind", choices=("all", "combined", "visit"), default=None,
+                          help="spectra to train on (default all)")
+    spectral.add_argument("--description", default=None, help="one-line description for catalogbuilder.yaml")
+    spectral.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 100)")
+    spectral.add_argument("--samples-per-epoch", type=int, default=None,
+                          help="pass a small training set several times per epoch (fresh noise each pass) until this "
+                          "many samples were seen (default 0: one pass)")
+    spectral.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    photometric = parser.add_argument_group("photometric family")
+    photometric.add_argument("--apokasc", metavar="FITS", help="APOKASC_Catalog.v7.1.fits")
+    photometric.add_argument("--gaia", metavar="NPZ", help="astroNN_gaiadr2_apogeedr14_parallax.npz")
+    photometric.add_argument("--epochs-mae", type=int, default=None, help="epochs of the MAE phase (default 120)")
+    photometric.add_argument("--epochs-smape", type=int, default=None, help="epochs of the SMAPE phase (default 40)")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``catalogbuilder train``; prints the output directory, weights checksum and test metrics."""
-    import torch
+def check_family_options(args: argparse.Namespace) -> None:
+    """``ValueError`` naming the first option that ``args.family`` does not read, or a missing required one."""
+    for dest, families in FAMILY_OPTIONS.items():
+        if getattr(args, dest) is not None and args.family not in families:
+            raise ValueError(f"--{dest.replace('_', '-')} is not used by --family {args.family}")
+    for dest in REQUIRED_OPTIONS[args.family]:
+        if getattr(args, dest) is None:
+            raise ValueError(f"--family {args.family} needs --{dest.replace('_', '-')}")
 
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among ``names`` that were given (not None), keyed by their argparse dest."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def run_spectral(args: argparse.Namespace) -> int:
+    """Train bossnet / apogeenet1 / apogeenet2 from a store; prints the directory, checksum and test metrics."""
     from catalogbuilder.training.data import parse_label_columns
     from catalogbuilder.training.train import train_from_store
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        trained = train_from_store(
-            args.store, args.labels, args.config, args.out, parse_label_columns(args.label_columns),
-            join_on=args.join_on, key_column=args.label_key, grid=args.grid, kind=args.kind, name=args.name,
-            description=args.description, epochs=args.epochs, seed=args.seed, device=args.device,
-            batch_size=args.batch_size, samples_per_epoch=args.samples_per_epoch, learning_rate=args.learning_rate,
-            patience=args.patience, progress=not args.no_progress,
-        )
-    except (ValueError, KeyError, FileNotFoundError) as error:  # bad inputs: a one-line reason, no traceback
-        print(f"catalogbuilder train: error: {error.args[0] if error.args else error}", file=sys.stderr)
-        return 2
-    print(f"model written to {args.out} (weights_sha256 {trained.weights_sha256})")
+    trained = train_from_store(
+        args.store, args.labels, args.config, args.out, parse_label_columns(args.label_columns or DEFAULT_LABEL_COLUMNS),
+        join_on=args.join_on or "source_id", key_column=args.label_key, grid=args.grid, kind=args.kind or "all",
+        name=args.name, description=args.description or "", family=args.family, photometry=args.photometry,
+        progress=not args.no_progress,
+        **_given(args, "epochs", "seed", "device", "batch_size", "samples_per_epoch", "learning_rate", "patience"),
+    )
+    print(f"{args.family} model written to {args.out} (weights_sha256 {trained.weights_sha256})")
     print(f"best epoch {trained.history.best_epoch}: validation loss {trained.history.best_val_loss:.4f} "
           f"(start {trained.history.initial_val_loss:.4f})")
     for name, metric in trained.test_metrics.items():
         print(f"test {name}: RMS {metric['rms']:.4g} vs predict-the-mean {metric['baseline_rms']:.4g} (n={metric['n']})")
     return 0
+
+
+def run_photometric(args: argparse.Namespace) -> int:
+    """Train the photometric MLP with :func:`catalogbuilder.photometric.train.train_demo` (its own MAE → SMAPE loop);
+    prints the test scores next to the predict-the-mean baseline as JSON."""
+    from pathlib import Path
+
+    from catalogbuilder.photometric.train import TrainingSettings, train_demo
+
+    settings = TrainingSettings(**_given(args, "epochs_mae", "epochs_smape", "batch_size", "learning_rate",
+                                         "patience", "seed", "threads"))
+    metrics = train_demo(args.apokasc, args.gaia, args.out, args.name or Path(args.out).name, settings)
+    print(json.dumps({target: {"test": values["test"], "baseline": values["test_baseline_mean"]}
+                      for target, values in metrics["targets"].items()}, indent=1))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``catalogbuilder train``; exit status 2 with a one-line reason on bad input (nothing written)."""
+    import torch
+
+    try:
+        check_family_options(args)
+        if args.threads and args.family != PHOTOMETRIC_FAMILY:  # the photometric trainer sets its own
+            torch.set_num_threads(args.threads)
+        return run_photometric(args) if args.family == PHOTOMETRIC_FAMILY else run_spectral(args)
+    except (ValueError, KeyError, FileNotFoundError) as error:  # bad inputs: a one-line reason, no traceback
+        print(f"catalogbuilder train: error: {error.args[0] if error.args else error}", file=sys.stderr)
+        return 2

@@ -1,7 +1,8 @@
 """Training data: joining spectra to a label table, label → target conversion, z-score stats and splits by star.
 
 Canonical label names are the pipeline's output names: ``teff`` (K), ``logg`` (dex), ``fe_h`` (dex), ``rv`` (km/s).
-BossNet-family targets are ``logg, logTeff, FeH[, rv]`` (``constants.BOSSNET_PARAMS_BOSS`` order).
+BossNet-family targets are ``logg, logTeff, FeH[, rv]`` (``constants.BOSSNET_PARAMS_BOSS`` order); APOGEE Net I trains
+``logg, Teff, FeH`` (Teff linear, K), APOGEE Net II ``logg, logTeff, FeH``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 CANONICAL_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h", "rv")
 # model target name -> canonical label it is computed from
-TARGET_SOURCE: dict[str, str] = {"logg": "logg", "logTeff": "teff", "FeH": "fe_h", "rv": "rv"}
+TARGET_SOURCE: dict[str, str] = {"logg": "logg", "logTeff": "teff", "Teff": "teff", "FeH": "fe_h", "rv": "rv"}
 JOIN_MODES: tuple[str, ...] = ("source_id", "file")
 DEFAULT_KEY_COLUMN: dict[str, str] = {"source_id": "source_id", "file": "filename"}
 DEFAULT_MISSING_VALUE: float = -9999.0
@@ -128,7 +129,8 @@ def join_labels(
 
 
 def labels_to_targets(labels: pd.DataFrame, targets: Sequence[str]) -> np.ndarray:
-    """(N, T) float64 target matrix in ``targets`` order; logTeff = log10(teff), NaN where teff is missing or ≤ 0."""
+    """(N, T) float64 target matrix in ``targets`` order (names of :data:`TARGET_SOURCE`); logTeff = log10(teff),
+    NaN where teff is missing or ≤ 0; Teff = teff (K)."""
     columns = []
     for target in targets:
         values = labels[TARGET_SOURCE[target]].to_numpy(dtype=float)

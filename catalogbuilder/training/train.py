@@ -1,16 +1,16 @@
-"""Training: a generic loop over (model, batch provider), and BossNet-family training from spectra + labels.
+"""Training: a generic loop over (model, batch provider), and training of the spectral families from spectra + labels.
 
 The loop (:func:`fit`) knows nothing about spectra: a :class:`BatchProvider` yields :class:`Batch` objects
-(``model(*inputs)`` vs z-scored ``targets`` with per-sample ``weights``), so other families (APOGEE Net I/II with
-photometry, the photometric MLP) reuse it with their own provider. Loss: weighted MSE over the finite targets only
-(a missing label, NaN, is masked out); optimiser Adamax; early stopping on the validation loss with ``patience``
+(``model(*inputs)`` vs z-scored ``targets`` with per-sample ``weights``). Loss: weighted MSE over the finite targets
+only (a missing label, NaN, is masked out); optimiser Adamax; early stopping on the validation loss with ``patience``
 epochs, restoring the best weights.
 
-:func:`train_bossnet` adds what BOSS Net does (Sizemore et al. 2024): 80/10/10 split by star, z-score stats from the
-training set, loss weights ∝ 1/KDE density in the standardised Teff–log g plane (cap 5, mean 1), augmentation by a
-fresh noise draw flux + error × N(0, 1) per epoch (errors capped as in the Monte-Carlo step), then writes the model
-in the official format (``model_args.yaml``, ``stats.yaml``, ``model_chunk_0..9``) plus ``catalogbuilder.yaml`` and
-a training report.
+:func:`train_network` adds what BOSS Net does (Sizemore et al. 2024) for every spectral family — BossNet (APOGEE
+Net III, BOSS Net) and APOGEE Net I/II, described by a :class:`NetworkFamily`: 80/10/10 split by star, z-score stats
+from the training set, loss weights ∝ 1/KDE density in the standardised Teff–log g plane (cap 5, mean 1),
+augmentation by a fresh noise draw flux + error × N(0, 1) per epoch (errors capped as in the Monte-Carlo step) before
+the family's own input preprocessing, then :func:`write_model_dir` writes a directory ``load_model`` reads
+(``model_args.yaml``, ``stats.yaml``, ``model_chunk_0..9``, ``catalogbuilder.yaml``) and a training report.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from catalogbuilder import __version__
+from catalogbuilder.constants import GRID_APOGEE
+from catalogbuilder.models import apogeenet
 from catalogbuilder.models.bossnet import BossNet, BossNetConfig
 from catalogbuilder.models.montecarlo import canonical_outputs, cap_errors
 from catalogbuilder.models.preprocess import log_scale_flux, unnormalize
@@ -169,10 +171,84 @@ def fit(
     return history
 
 
-class SpectraBatches:
-    """BossNet-family batches from spectra on a model grid: preprocessed flux → z-scored targets.
+def raw_flux(flux: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """APOGEE Net I/II input: the raw flux (float32), NaN and ±inf → 0, nothing else (Olney 2020 §3.1)."""
+    return torch.nan_to_num(torch.as_tensor(flux, dtype=torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
-    flux, error: (N, pixels) in the store's units; targets: (N, T) z-scores (NaN = missing); weights: (N,).
+
+@dataclasses.dataclass(frozen=True)
+class NetworkFamily:
+    """What differs between the spectral families in training; everything else is one code path.
+
+    ``name``: the family written to ``catalogbuilder.yaml``; ``targets``: network outputs in order (the ``stats.yaml``
+    keys the family's loader de-normalises with); ``build``: a fresh untrained network; ``preprocess``: flux rows on
+    the model grid → network input; ``metadata_width``: extra per-spectrum inputs (Net II photometry, 7) or 0;
+    ``grid``: the only grid it runs on (None: any); ``write_args``: writes ``model_args.yaml`` into a directory.
+    """
+
+    name: str
+    targets: tuple[str, ...]
+    build: Callable[[], nn.Module]
+    preprocess: Callable[[torch.Tensor | np.ndarray], torch.Tensor]
+    write_args: Callable[[Path], None]
+    metadata_width: int = 0
+    grid: str | None = None
+
+
+BOSSNET_FAMILY = "bossnet"
+SPECTRAL_FAMILIES: tuple[str, ...] = (BOSSNET_FAMILY, apogeenet.FAMILY_NET1, apogeenet.FAMILY_NET2)
+
+
+def bossnet_family(config: BossNetConfig) -> NetworkFamily:
+    """BossNet family (APOGEE Net III, BOSS Net): log-scaled clipped flux → ``logg, logTeff, FeH[, rv]``."""
+    return NetworkFamily(BOSSNET_FAMILY, tdata.bossnet_targets(config.num_targets), lambda: BossNet(config),
+                         log_scale_flux, config.to_yaml)
+
+
+def apogeenet_family(family: str, dropout: float = apogeenet.DEFAULT_DROPOUT) -> NetworkFamily:
+    """APOGEE Net I (``apogeenet1``: ``logg, Teff, FeH``) or II (``apogeenet2``: ``logg, logTeff, FeH`` + the 7
+    photometry inputs): the published fixed architecture on raw apStar flux; only the dropout is free."""
+    if family not in (apogeenet.FAMILY_NET1, apogeenet.FAMILY_NET2):
+        raise ValueError(f"not an APOGEE Net family: {family!r}")
+    with_metadata = family == apogeenet.FAMILY_NET2
+
+    def write_args(directory: Path) -> None:
+        (Path(directory) / "model_args.yaml").write_text(yaml.safe_dump({"dropout": float(dropout)}))
+
+    return NetworkFamily(
+        family, apogeenet.NET2_LABELS if with_metadata else apogeenet.NET1_LABELS,
+        lambda: apogeenet.ApogeeNetCNN(with_metadata, dropout=dropout), raw_flux, write_args,
+        metadata_width=len(apogeenet.METADATA_KEYS) if with_metadata else 0, grid=GRID_APOGEE,
+    )
+
+
+def network_family(family: str, config_path: str | Path | None = None) -> NetworkFamily:
+    """The :class:`NetworkFamily` of a family name. ``config_path``: a ``model_args.yaml`` — required for ``bossnet``
+    (its constructor arguments); optional for APOGEE Net, where it may only set ``dropout``."""
+    if family == BOSSNET_FAMILY:
+        if config_path is None:
+            raise ValueError("the bossnet family needs --config (model_args.yaml with the BossNet constructor arguments)")
+        return bossnet_family(BossNetConfig.from_yaml(config_path))
+    if family not in SPECTRAL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {SPECTRAL_FAMILIES}")
+    if config_path is None:
+        return apogeenet_family(family)
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found")
+    arguments = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(arguments, dict) or set(arguments) - {"dropout"}:
+        raise ValueError(f"{path}: the {family} architecture is fixed; its config may only set dropout, "
+                         f"got {arguments!r}")
+    return apogeenet_family(family, float(arguments.get("dropout", apogeenet.DEFAULT_DROPOUT)))
+
+
+class SpectraBatches:
+    """Batches from spectra on a model grid: the family's network input [+ ``metadata``] → z-scored targets.
+
+    flux, error: (N, pixels) in the store's units; targets: (N, T) z-scores (NaN = missing); weights: (N,);
+    ``preprocess``: the family's input transform (default the BossNet log scaling); ``metadata``: (N, k) extra inputs
+    passed as the network's second argument (Net II photometry), never perturbed.
     With ``augment`` each epoch draws fresh noise flux + error × N(0, 1) (errors capped by
     :func:`catalogbuilder.models.montecarlo.cap_errors`) and shuffles; draws depend only on (seed, epoch). A small
     training set can be passed several times per epoch, each pass with its own shuffle and noise, until at least
@@ -181,9 +257,13 @@ class SpectraBatches:
     """
 
     def __init__(self, flux: np.ndarray, error: np.ndarray, targets: np.ndarray, weights: np.ndarray,
-                 batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, samples_per_epoch: int = 0) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, samples_per_epoch: int = 0,
+                 preprocess: Callable[[torch.Tensor | np.ndarray], torch.Tensor] = log_scale_flux,
+                 metadata: np.ndarray | None = None) -> None:
         if not (len(flux) == len(error) == len(targets) == len(weights)):
             raise ValueError("flux, error, targets and weights must have one row per spectrum")
+        if metadata is not None and len(metadata) != len(flux):
+            raise ValueError("metadata must have one row per spectrum")
         self.flux = torch.as_tensor(np.asarray(flux, dtype=np.float32))
         self.error = cap_errors(self.flux, torch.as_tensor(np.asarray(error, dtype=np.float32)))
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
@@ -191,7 +271,9 @@ class SpectraBatches:
         self.batch_size = batch_size
         self.seed = seed
         self.samples_per_epoch = samples_per_epoch
-        self._clean_input = log_scale_flux(self.flux)
+        self.preprocess = preprocess
+        self.metadata = None if metadata is None else torch.as_tensor(np.asarray(metadata, dtype=np.float32))
+        self._clean_input = preprocess(self.flux)
 
     def __len__(self) -> int:
         return len(self.flux)
@@ -207,22 +289,28 @@ class SpectraBatches:
             index = order[start:start + self.batch_size]
             if augment:
                 noise = torch.randn(self.flux[index].shape, generator=generator)
-                model_input = log_scale_flux(self.flux[index] + self.error[index] * noise)
+                model_input = self.preprocess(self.flux[index] + self.error[index] * noise)
             else:
                 model_input = self._clean_input[index]
-            yield Batch((model_input,), self.targets[index], self.weights[index])
+            inputs = (model_input,) if self.metadata is None else (model_input, self.metadata[index])
+            yield Batch(inputs, self.targets[index], self.weights[index])
 
 
-def predict_labels(model: BossNet, flux: np.ndarray, targets: Sequence[str], stats: Mapping[str, tuple[float, float]],
-                   device: str | torch.device = "cpu", batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Deterministic (no noise draws) canonical predictions (``teff`` K, ``logg``, ``fe_h``[, ``rv``]) of spectra."""
+def predict_labels(model: nn.Module, flux: np.ndarray, targets: Sequence[str], stats: Mapping[str, tuple[float, float]],
+                   device: str | torch.device = "cpu", batch_size: int = 256,
+                   preprocess: Callable[[torch.Tensor | np.ndarray], torch.Tensor] = log_scale_flux,
+                   metadata: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Deterministic (no noise draws) canonical predictions (``teff`` K, ``logg``, ``fe_h``[, ``rv``]) of spectra;
+    ``preprocess`` and ``metadata`` as in :class:`SpectraBatches`."""
     device = torch.device(device)
     model.to(device).eval()
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(flux), batch_size):
-            model_input = log_scale_flux(np.asarray(flux[start:start + batch_size], dtype=np.float32)).to(device)
-            outputs.append(unnormalize(model(model_input), list(targets), dict(stats)).double().cpu())
+            model_input = preprocess(np.asarray(flux[start:start + batch_size], dtype=np.float32)).to(device)
+            extra = () if metadata is None else (
+                torch.as_tensor(np.asarray(metadata[start:start + batch_size], dtype=np.float32)).to(device),)
+            outputs.append(unnormalize(model(model_input, *extra), list(targets), dict(stats)).double().cpu())
     value = torch.cat(outputs).numpy()
     result = canonical_outputs(list(targets), value, np.full_like(value, np.nan))
     return {name: result[name] for name in ("teff", "logg", "fe_h", "rv") if name in result}
@@ -230,10 +318,10 @@ def predict_labels(model: BossNet, flux: np.ndarray, targets: Sequence[str], sta
 
 @dataclasses.dataclass
 class TrainedModel:
-    """What :func:`train_bossnet` produced: the network, its stats and split, the history and the test metrics."""
+    """What :func:`train_network` produced: the network, its stats and split, the history and the test metrics."""
 
-    model: BossNet
-    targets: tuple[str, ...]
+    model: nn.Module
+    family: NetworkFamily
     stats: dict[str, tuple[float, float]]
     history: History
     split: dict[str, np.ndarray]  # "train"/"validation"/"test" row indices into the labelled spectra
@@ -242,13 +330,19 @@ class TrainedModel:
     test_labels: pd.DataFrame  # their canonical labels
     weights_sha256: str | None = None
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Network outputs in order (the ``stats.yaml`` keys)."""
+        return self.family.targets
 
-def train_bossnet(
+
+def train_network(
+    family: NetworkFamily,
     flux: np.ndarray,
     error: np.ndarray,
     source_ids: Sequence[str],
     labels: pd.DataFrame,
-    config: BossNetConfig,
+    metadata: np.ndarray | None = None,
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
     device: str = "cpu",
@@ -259,27 +353,38 @@ def train_bossnet(
     samples_per_epoch: int = 0,
     progress: bool = True,
 ) -> TrainedModel:
-    """Train a BossNet-family model on spectra (N, pixels) with canonical labels (DataFrame, N rows, NaN = missing).
+    """Train a network of ``family`` on spectra (N, pixels) with canonical labels (DataFrame, N rows, NaN = missing).
 
-    Rows without any finite target are left out. ``split`` (train/validation/test row indices into the inputs)
-    defaults to :func:`data.split_by_star` 80/10/10 with ``seed``. Seeds torch with ``seed`` before building the
-    network. Indices in the result refer to the input rows. ``samples_per_epoch``: see :class:`SpectraBatches`.
+    ``metadata``: (N, ``family.metadata_width``) normalised extra inputs (Net II: :func:`apogeenet.normalize_metadata`).
+    Rows without any finite target, and spectra without any non-zero finite flux (no data: nothing to learn from), are
+    left out. ``split`` (train/validation/test row indices into the inputs) defaults to :func:`data.split_by_star`
+    80/10/10 with ``seed``. Seeds torch with ``seed`` before building the network. Indices in the result refer to the
+    input rows. ``samples_per_epoch``: see :class:`SpectraBatches`.
     """
-    targets_names = tdata.bossnet_targets(config.num_targets)
-    targets = tdata.labels_to_targets(labels, targets_names)
+    if family.metadata_width and (metadata is None or np.shape(metadata) != (len(flux), family.metadata_width)):
+        raise ValueError(f"{family.name} needs metadata of shape ({len(flux)}, {family.metadata_width}), "
+                         f"got {None if metadata is None else np.shape(metadata)}")
+    if not family.metadata_width:
+        metadata = None
+    targets = tdata.labels_to_targets(labels, family.targets)
     source_ids = np.asarray(source_ids, dtype=str)
-    labelled = np.flatnonzero(np.isfinite(targets).any(axis=1))
-    if len(labelled) < len(targets):
-        log.warning("%d spectra have none of the labels %s and are not used", len(targets) - len(labelled),
-                    targets_names)
+    has_targets = np.isfinite(targets).any(axis=1)
+    has_data = (np.nan_to_num(np.asarray(flux, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0) != 0).any(axis=1)
+    if (~has_targets).any():
+        log.warning("%d spectra have none of the labels %s and are not used", int((~has_targets).sum()),
+                    family.targets)
+    if (has_targets & ~has_data).any():
+        log.warning("%d labelled spectra hold no non-zero finite flux and are not used",
+                    int((has_targets & ~has_data).sum()))
+    labelled = np.flatnonzero(has_targets & has_data)
     if split is None:
         parts = tdata.split_by_star(source_ids[labelled], seed=seed)
         split = dict(zip(("train", "validation", "test"), (labelled[part] for part in parts)))
     else:
         split = {name: np.intersect1d(np.asarray(rows, dtype=int), labelled) for name, rows in split.items()}
     labels = labels.reset_index(drop=True)
-    stats = tdata.fit_stats(targets[split["train"]], targets_names)
-    z_scores = tdata.standardise(targets, targets_names, stats)
+    stats = tdata.fit_stats(targets[split["train"]], family.targets)
+    z_scores = tdata.standardise(targets, family.targets, stats)
     train_labels = labels.iloc[split["train"]]
     weights = np.ones(len(flux))
     weights[split["train"]] = kde_weights(train_labels["teff"].to_numpy(float), train_labels["logg"].to_numpy(float))
@@ -287,12 +392,14 @@ def train_bossnet(
     def provider(name: str) -> SpectraBatches:
         rows = split[name]
         return SpectraBatches(flux[rows], error[rows], z_scores[rows], weights[rows], batch_size, seed,
-                              samples_per_epoch if name == "train" else 0)
+                              samples_per_epoch if name == "train" else 0, family.preprocess,
+                              None if metadata is None else metadata[rows])
 
     torch.manual_seed(seed)
-    model = BossNet(config)
-    log.info("training on %d spectra (%d stars), validating on %d, testing on %d", len(split["train"]),
-             len(np.unique(source_ids[split["train"]])), len(split["validation"]), len(split["test"]))
+    model = family.build()
+    log.info("training %s on %d spectra (%d stars), validating on %d, testing on %d", family.name,
+             len(split["train"]), len(np.unique(source_ids[split["train"]])), len(split["validation"]),
+             len(split["test"]))
     history = fit(model, provider("train"), provider("validation"), epochs, patience, learning_rate, device, progress)
     test_rows = split["test"]
     metrics: dict[str, dict[str, float]] = {}
@@ -300,11 +407,19 @@ def train_bossnet(
     if len(test_rows):
         from catalogbuilder.training.report import residual_metrics
 
-        predicted = predict_labels(model, flux[test_rows], targets_names, stats, device)
+        predicted = predict_labels(model, flux[test_rows], family.targets, stats, device,
+                                   preprocess=family.preprocess,
+                                   metadata=None if metadata is None else metadata[test_rows])
         train_mean = {name: float(np.nanmean(train_labels[name])) for name in predicted}
         metrics = residual_metrics(predicted, labels.iloc[test_rows], train_mean)
-    return TrainedModel(model, targets_names, stats, history, split, metrics, predicted,
+    return TrainedModel(model, family, stats, history, split, metrics, predicted,
                         labels.iloc[test_rows].reset_index(drop=True))
+
+
+def train_bossnet(flux: np.ndarray, error: np.ndarray, source_ids: Sequence[str], labels: pd.DataFrame,
+                  config: BossNetConfig, **training: Any) -> TrainedModel:
+    """:func:`train_network` for a BossNet-family model of ``config`` (``training``: its keyword arguments)."""
+    return train_network(bossnet_family(config), flux, error, source_ids, labels, **training)
 
 
 def write_model_dir(
@@ -316,15 +431,19 @@ def write_model_dir(
     domain: Mapping[str, Sequence[float]] | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write the official-format model directory (``model_args.yaml``, ``stats.yaml``, ``model_chunk_0..9``) plus
-    ``catalogbuilder.yaml`` (family, grid, name, description, domain, training provenance); returns weights_sha256."""
+    """Write a model directory ``load_model`` reads: ``model_args.yaml`` (the family's architecture arguments),
+    ``stats.yaml`` (z-score constants keyed by the family's output names, in output order), ``model_chunk_0..9`` (the
+    official chunked state_dict) and ``catalogbuilder.yaml`` (family, grid, name, description, domain, training
+    provenance); returns weights_sha256."""
+    if trained.family.grid is not None and grid != trained.family.grid:
+        raise ValueError(f"{trained.family.name} models run on the {trained.family.grid!r} grid, not {grid!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trained.model.config.to_yaml(out_dir)
+    trained.family.write_args(out_dir)
     tdata.write_stats_yaml(out_dir / "stats.yaml", trained.stats)
     sha256 = save_state_dict(trained.model.state_dict(), out_dir)
     trained.weights_sha256 = sha256
-    info: dict[str, Any] = {"family": "bossnet", "grid": grid, "name": name, "description": description}
+    info: dict[str, Any] = {"family": trained.family.name, "grid": grid, "name": name, "description": description}
     if domain:
         info["domain"] = {key: [float(low), float(high)] for key, (low, high) in domain.items()}
     info["training"] = {
@@ -353,9 +472,12 @@ def load_store_spectra(store_path: str | Path, grid: str | None = None,
     """(grid, flux, error, per-spectrum coordinates) of a spectrum store, loaded into memory.
 
     ``grid`` None picks the store's only non-empty grid (``ValueError`` when it holds both). ``kind`` keeps
-    ``combined`` or ``visit`` spectra only. Non-finite flux/error are kept: preprocessing floors them.
+    ``combined`` or ``visit`` spectra only. Non-finite flux/error are kept: preprocessing floors them. The coordinates
+    are ``spectrum_id, source_id, file_path, kind`` plus the file headers' 2MASS ``tmass_j/h/k`` (mag) where the store
+    has them.
     """
     from catalogbuilder.constants import GRIDS
+    from catalogbuilder.inference.photometry import header_photometry
     from catalogbuilder.store.spectra import SpectrumStore
 
     if kind not in SPECTRUM_KINDS:
@@ -374,13 +496,28 @@ def load_store_spectra(store_path: str | Path, grid: str | None = None,
     if dataset.sizes["spectrum"] == 0:
         raise ValueError(f"store {store_path} holds no {kind} spectra on the {grid!r} grid")
     coords = pd.DataFrame({name: dataset[name].values for name in ("spectrum_id", "source_id", "file_path", "kind")})
+    coords = pd.concat([coords, header_photometry(dataset)], axis=1)
     return grid, dataset["flux"].values.astype(np.float32), dataset["error"].values.astype(np.float32), coords
+
+
+def store_metadata(photometry: str | Path | None, coords: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """APOGEE Net II inputs of the spectra ``coords`` (from :func:`load_store_spectra`), exactly as inference builds
+    them: the photometry table's value (Parquet with ``spectrum_id`` + the crossmatch columns) where finite, else the
+    file header's 2MASS J/H/K, then :func:`apogeenet.normalize_metadata` (missing → the reference replacement values).
+    Returns the (N, 7) normalised metadata and the (N,) ``missing_photometry`` mask."""
+    from catalogbuilder.inference import photometry as phot
+
+    keys = apogeenet.METADATA_KEYS
+    path = None if photometry is None else phot.check_photometry_table(photometry, keys)
+    header = coords[[key for key in phot.HEADER_KEYS if key in coords]].reset_index(drop=True)
+    inputs = phot.gather_inputs(path, coords["spectrum_id"].to_numpy(str), header, keys)
+    return apogeenet.normalize_metadata({key: inputs[key].to_numpy() for key in keys}, len(coords))
 
 
 def train_from_store(
     store_path: str | Path,
     labels_path: str | Path,
-    config_path: str | Path,
+    config_path: str | Path | None,
     out_dir: str | Path,
     label_columns: Mapping[str, str],
     join_on: str = "source_id",
@@ -391,25 +528,35 @@ def train_from_store(
     description: str = "",
     domain: Mapping[str, Sequence[float]] | None = None,
     extra_provenance: Mapping[str, Any] | None = None,
+    family: str = BOSSNET_FAMILY,
+    photometry: str | Path | None = None,
     **training: Any,
 ) -> TrainedModel:
     """The ``catalogbuilder train`` command: store spectra ⋈ label table → trained model directory + report.
 
-    ``training`` goes to :func:`train_bossnet` (epochs, seed, device, batch_size, samples_per_epoch, learning_rate,
+    ``family``: one of :data:`SPECTRAL_FAMILIES`; ``config_path`` as in :func:`network_family`. ``photometry``: for
+    ``apogeenet2``, the crossmatch Parquet table (see :func:`store_metadata`; None: header 2MASS only, Gaia imputed).
+    ``training`` goes to :func:`train_network` (epochs, seed, device, batch_size, samples_per_epoch, learning_rate,
     patience, progress); ``extra_provenance`` entries are added to (or replace) the recorded training provenance.
     Spectra without a matching label row are left out (counted in the provenance); the star of a spectrum for the
-    split is its ``source_id``.
+    split is its ``source_id``. Every input is checked before training starts, and nothing is written on bad input.
     """
     from catalogbuilder.training.report import write_report
 
-    config = BossNetConfig.from_yaml(config_path)
-    grid, flux, error, coords = load_store_spectra(store_path, grid, kind)
+    spec = network_family(family, config_path)
+    if photometry is not None and not spec.metadata_width:
+        raise ValueError(f"the {family} family reads no photometry; drop --photometry")
+    grid, flux, error, coords = load_store_spectra(store_path, grid or spec.grid, kind)
+    if spec.grid is not None and grid != spec.grid:
+        raise ValueError(f"{family} models run on the {spec.grid!r} grid, not {grid!r}")
+    metadata, missing_photometry = store_metadata(photometry, coords) if spec.metadata_width else (None, None)
     labels = tdata.join_labels(coords, tdata.read_label_table(labels_path), label_columns, join_on, key_column)
     matched = labels["matched"].to_numpy()
     if not matched.any():
         raise ValueError(f"no spectrum of {store_path} matched a row of {labels_path} (join on {join_on})")
-    trained = train_bossnet(flux[matched], error[matched], coords["source_id"].to_numpy(str)[matched],
-                            labels.loc[matched].reset_index(drop=True), config, **training)
+    trained = train_network(spec, flux[matched], error[matched], coords["source_id"].to_numpy(str)[matched],
+                            labels.loc[matched].reset_index(drop=True),
+                            None if metadata is None else metadata[matched], **training)
     out_dir = Path(out_dir)
     provenance = {
         "store": str(Path(store_path).resolve()),
@@ -419,8 +566,11 @@ def train_from_store(
         "spectra_in_store": int(len(coords)),
         "spectra_matched": int(matched.sum()),
         "seed": int(training.get("seed", 0)),
-        **dict(extra_provenance or {}),
     }
+    if spec.metadata_width:
+        provenance["photometry"] = str(Path(photometry).resolve()) if photometry is not None else "store header 2MASS"
+        provenance["spectra_missing_photometry"] = int(missing_photometry[matched].sum())
+    provenance.update(extra_provenance or {})
     write_model_dir(trained, out_dir, grid, name or out_dir.name, description, domain, provenance)
     write_report(out_dir / "training_report", trained.history, trained.test_predicted, trained.test_labels,
                  trained.test_metrics, {"provenance": provenance, "weights_sha256": trained.weights_sha256})
