@@ -206,3 +206,20 @@ def test_train_command_family_option(apogee_store: Path, label_table: Path, cros
     config.write_text("model_dim: 4\n")
     assert cli_main([*common, "--family", "apogeenet1", "--config", str(config), "--out", str(bad)]) == 2
     assert "may only set dropout" in capsys.readouterr().err
+
+
+def test_train_command_photometric_family_runs_the_photometric_trainer(shared_data: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    """``--family photometric`` trains the MLP on APOKASC x Gaia DR2 with the shared options mapped to its settings."""
+    out = tmp_path / "phot"
+    argv = ["train", "--family", "photometric", "--out", str(out), "--name", "phot-family-test",
+            "--apokasc", str(shared_data / "labels" / "sdss_apogee__data_apokasc_APOKASC_Catalog.v7.1.fits"),
+            "--gaia", str(shared_data / "gaia" / "astroNN_gaiadr2_apogeedr14_parallax.npz"),
+            "--epochs-mae", "1", "--epochs-smape", "1", "--seed", "7", "--batch-size", "256", "--threads", "1"]
+    assert cli_main(argv) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) == {"teff", "logg", "fe_h"} and scores["teff"]["test"]["n"] > 100
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert (settings["seed"], settings["batch_size"], settings["epochs_mae"], settings["epochs_smape"]) == (7, 256, 1, 1)
+    model = load_model(out)
+    assert model.info.family == "photometric" and model.name == "phot-family-test"
