@@ -16,7 +16,12 @@ from astropy.table import Table
 
 from catalogbuilder.cli import main as cli_main
 from catalogbuilder.inference import photometry as phot
-from catalogbuilder.models.apogeenet import METADATA_KEYS, NET1_LABELS, NET2_LABELS, normalize_metadata
+from catalogbuilder.models.apogeenet import (
+    METADATA_KEYS,
+    NET1_LABELS,
+    NET2_LABELS,
+    normalize_metadata,
+)
 from catalogbuilder.models.registry import load_model
 from catalogbuilder.store.spectra import SpectrumStore
 from catalogbuilder.training import data as tdata

@@ -336,6 +336,13 @@ class TrainedModel:
         return self.family.targets
 
 
+def rows_with_data(flux: np.ndarray, block: int = 4096) -> np.ndarray:
+    """(N,) bool: which flux rows hold at least one finite non-zero value (checked in row blocks to bound memory)."""
+    return np.concatenate([np.any(np.isfinite(part) & (part != 0), axis=1)
+                           for part in (flux[start:start + block] for start in range(0, len(flux), block))]
+                          or [np.zeros(0, dtype=bool)])
+
+
 def train_network(
     family: NetworkFamily,
     flux: np.ndarray,
@@ -369,7 +376,7 @@ def train_network(
     targets = tdata.labels_to_targets(labels, family.targets)
     source_ids = np.asarray(source_ids, dtype=str)
     has_targets = np.isfinite(targets).any(axis=1)
-    has_data = (np.nan_to_num(np.asarray(flux, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0) != 0).any(axis=1)
+    has_data = rows_with_data(flux)
     if (~has_targets).any():
         log.warning("%d spectra have none of the labels %s and are not used", int((~has_targets).sum()),
                     family.targets)
