@@ -304,3 +304,20 @@ def test_photometry_models_run_after_a_cross_match(client: Client, tmp_path: Pat
     assert results["input_phot_bp_mean_mag"].isna().all() and (results["missing_photometry"] == 1).all()
     table = pd.concat(read_tables(folder / "out").values())
     assert ((table["result_flags"] & int(ResultFlag.MISSING_PHOTOMETRY)) != 0).all()
+
+
+def test_photometric_stage_runs_in_the_workflow(client: Client, shared_data: Path, tmp_path: Path) -> None:
+    """`photometric.input` adds the photometric stage: real APOKASC stars (no spectra) get their own release table,
+    one row per input row, next to the spectroscopic tables."""
+    apokasc = Table.read(shared_data / "labels" / "sdss_apogee__data_apokasc_APOKASC_Catalog.v7.1.fits")[:40]
+    sources = tmp_path / "apokasc40.fits"
+    apokasc.write(sources)
+    apstar = [str(path) for path in sorted((SAMPLE_DIR / "apogee").glob("apStar-*.fits"))]
+    folder = tmp_path / "phot"
+    models = {"apogee": ["anet3-payne-demo"]}
+    result = run(client, write_config(folder, apstar, models, photometric={"input": str(sources)}))
+    assert result.photometric_table is not None and result.photometric_table.is_file()
+    table = pd.read_parquet(result.photometric_table)
+    assert len(table) == len(apokasc) and table["model_name"].eq("sos-photometric-demo").all()
+    assert np.isfinite(table.loc[table["status"] == "ok", "teff"]).all() and (table["status"] == "ok").sum() > 30
+    assert Table.read(result.photometric_table.with_suffix("").with_suffix(".fits.gz")).colnames[:2] == list(table.columns[:2])

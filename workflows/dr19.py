@@ -27,6 +27,7 @@ from catalogbuilder.constants import DEFAULT_DRAWS, GRIDS
 from catalogbuilder.crossmatch.match import DEFAULT_RADIUS_ARCSEC, crossmatch
 from catalogbuilder.inference.graph import DEFAULT_BATCH_SIZE, DEFAULT_RETRIES, DEVICES, InferenceReport, run_inference
 from catalogbuilder.models.registry import load_model
+from catalogbuilder.photometric.stage import photometric_release
 from catalogbuilder.readers import SURVEY_CHOICES
 from catalogbuilder.release.tables import ReleaseTable, build_release, load_store_frames
 from catalogbuilder.store import IngestReport, SpectrumStore, expand_inputs
@@ -35,9 +36,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("dr19.yaml")
 CONFIG_KEYS = frozenset(
-    {"inputs", "survey", "store", "output", "models", "draws", "seed", "inference", "catalogs", "radius_arcsec"}
+    {"inputs", "survey", "store", "output", "models", "draws", "seed", "inference", "catalogs", "radius_arcsec",
+     "photometric"}
 )
 INFERENCE_KEYS = frozenset({"device", "batch_size", "spectra_per_task", "retries"})
+PHOTOMETRIC_KEYS = frozenset({"input", "model", "gaia"})
+DEFAULT_PHOTOMETRIC_MODEL = "sos-photometric-demo"
 
 
 class WorkflowConfigError(ValueError):
@@ -61,6 +65,9 @@ class WorkflowConfig:
     retries: int = DEFAULT_RETRIES
     catalogs: tuple[str, ...] = ()
     radius_arcsec: float = DEFAULT_RADIUS_ARCSEC
+    photometric_input: str | None = None  # table of sources with photometry but no spectrum (docs/other_models.md)
+    photometric_model: str = DEFAULT_PHOTOMETRIC_MODEL
+    photometric_gaia: str | None = None  # catalog filling parallax/Gaia bands of those tables by position
     progress: bool = True
 
 
@@ -72,6 +79,7 @@ class WorkflowResult:
     ingest: IngestReport
     inference: list[InferenceReport]
     tables: list[ReleaseTable]
+    photometric_table: Path | None = None  # Parquet path of the photometric stage's release table
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # wall time per step: check, ingest, ...
 
     @property
@@ -130,6 +138,9 @@ def parse_config(document: dict[str, Any], base: Path, cwd: Path | None = None) 
     if draws < 0:
         raise WorkflowConfigError(f"draws must be >= 0, got {draws}")
     spectra_per_task = inference.get("spectra_per_task")
+    photometric = document.get("photometric") or {}
+    if not isinstance(photometric, dict) or set(photometric) - PHOTOMETRIC_KEYS:
+        raise WorkflowConfigError(f"photometric must be a mapping of {sorted(PHOTOMETRIC_KEYS)}, got {photometric!r}")
     return WorkflowConfig(
         inputs=tuple(_relative_to(base, entry) for entry in _str_list(document.get("inputs", []), "inputs")),
         store=(cwd / Path(document["store"]).expanduser()).resolve(),
@@ -145,6 +156,9 @@ def parse_config(document: dict[str, Any], base: Path, cwd: Path | None = None) 
         retries=int(inference.get("retries", DEFAULT_RETRIES)),
         catalogs=tuple(_relative_to(base, entry) for entry in _str_list(document.get("catalogs", []), "catalogs")),
         radius_arcsec=float(document.get("radius_arcsec", DEFAULT_RADIUS_ARCSEC)),
+        photometric_input=_relative_to(base, str(photometric["input"])) if photometric.get("input") else None,
+        photometric_model=_model_entry(base, str(photometric.get("model", DEFAULT_PHOTOMETRIC_MODEL))),
+        photometric_gaia=_relative_to(base, photometric["gaia"]) if photometric.get("gaia") else None,
     )
 
 
@@ -212,7 +226,14 @@ def run_workflow(client: Client, config: WorkflowConfig) -> WorkflowResult:
     seconds["infer"] = time.perf_counter() - began - sum(seconds.values())
     tables = build_release(config.store, config.output, catalogs=config.catalogs, radius_arcsec=config.radius_arcsec)
     seconds["release"] = time.perf_counter() - began - sum(seconds.values())
-    return WorkflowResult(config.output, ingest, reports, tables, seconds)
+    photometric_table = None
+    if config.photometric_input:  # its own stage and table: sources with photometry but no spectrum
+        photometric_table = photometric_release(
+            config.photometric_input, config.photometric_model, config.output, config.draws, config.seed,
+            client=client, gaia=config.photometric_gaia, radius_arcsec=config.radius_arcsec,
+        )[2]
+        seconds["photometric"] = time.perf_counter() - began - sum(seconds.values())
+    return WorkflowResult(config.output, ingest, reports, tables, photometric_table, seconds)
 
 
 def describe(result: WorkflowResult) -> str:
@@ -227,6 +248,8 @@ def describe(result: WorkflowResult) -> str:
     for model in sorted({table.model_name for table in result.tables}):
         lines.append(f"Kiel diagram: {result.output / f'kiel-{model}.png'}")
     lines.append(f"summary: {result.output / 'summary.json'}")
+    if result.photometric_table:
+        lines.append(f"photometric table: {result.photometric_table}  (+ .fits.gz)")
     if result.failed_tasks:
         lines.append(f"WARNING: {result.failed_tasks} inference task(s) failed for good; their spectra are NO_RESULT rows")
     return "\n".join(lines)

@@ -58,32 +58,20 @@ def _uses_cluster(args: argparse.Namespace) -> bool:
 
 def run_photometric_command(args: argparse.Namespace) -> int:
     """Predict and write the release table; exit 2 on an unreadable input table or model."""
-    from catalogbuilder.photometric.stage import run_photometric, write_photometric_release
-    from catalogbuilder.photometric.table import (PhotometricTableError, join_by_position, read_photometric_table,
-                                                  read_reference_catalog)
+    from catalogbuilder.photometric.stage import photometric_release
+    from catalogbuilder.photometric.table import PhotometricTableError
 
-    try:
-        frame = read_photometric_table(args.input)
-        if args.gaia:
-            columns = ["parallax", "parallax_error", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag"]
-            frame = join_by_position(frame, read_reference_catalog(args.gaia), columns, args.radius)
-    except (PhotometricTableError, OSError) as error:
-        print(f"catalogbuilder photometric: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    options = dict(draws=args.draws, seed=args.seed, partition_rows=args.partition_rows, gaia=args.gaia,
+                   radius_arcsec=args.radius)
     try:
         if _uses_cluster(args):
             with connect_from_args(args) as client:
-                rows = run_photometric(frame, args.model, args.draws, args.seed, args.partition_rows, client)
+                rows, fits_path, parquet_path = photometric_release(args.input, args.model, args.out, client=client, **options)
         else:
-            rows = run_photometric(frame, args.model, args.draws, args.seed, args.partition_rows)
-    except (FileNotFoundError, ValueError) as error:
+            rows, fits_path, parquet_path = photometric_release(args.input, args.model, args.out, **options)
+    except (PhotometricTableError, OSError, ValueError) as error:
         print(f"catalogbuilder photometric: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from catalogbuilder.models.photometric import PARALLAX, PhotometricModel
-    from catalogbuilder.models.registry import resolve_model_dir
-
-    bands = PhotometricModel.load(resolve_model_dir(args.model)).config.bands
-    fits_path, parquet_path = write_photometric_release(rows, args.out, [*bands, PARALLAX])
     counts = rows["status"].value_counts().to_dict()
     print(json.dumps({"rows": len(rows), "status": counts, "flag_bad": int(rows["flag_bad"].sum()),
                       "flag_warn": int(rows["flag_warn"].sum()), "fits": str(fits_path), "parquet": str(parquet_path)}))

@@ -164,4 +164,23 @@ def write_photometric_release(rows: pd.DataFrame, out_dir: str | Path, inputs: S
     return fits_path, parquet_path
 
 
-__all__ = ["OUTPUT_COLUMNS", "predict_partition", "run_photometric", "write_photometric_release"]
+def photometric_release(input_table: str | Path, model: str | Path, out_dir: str | Path, draws: int = DEFAULT_DRAWS,
+                        seed: int = 0, partition_rows: int = 50_000, client=None,  # noqa: ANN001 - distributed.Client
+                        gaia: str | Path | None = None, radius_arcsec: float = 1.0) -> tuple[pd.DataFrame, Path, Path]:
+    """The whole photometric stage: read the input table (docs/other_models.md), optionally fill parallax and Gaia
+    photometry by position from ``gaia``, predict over Dask partitions, write the release table. Returns (rows, FITS
+    path, Parquet path). Raises ``PhotometricTableError``/``OSError`` for unreadable inputs, ``ValueError`` or
+    ``FileNotFoundError`` for a bad model."""
+    from catalogbuilder.photometric.table import join_by_position, read_photometric_table, read_reference_catalog
+
+    frame = read_photometric_table(input_table)
+    if gaia:
+        columns = ["parallax", "parallax_error", "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag"]
+        frame = join_by_position(frame, read_reference_catalog(gaia), columns, radius_arcsec)
+    rows = run_photometric(frame, model, draws, seed, partition_rows, client)
+    bands = PhotometricModel.load(resolve_model_dir(model)).config.bands
+    fits_path, parquet_path = write_photometric_release(rows, out_dir, [*bands, PARALLAX])
+    return rows, fits_path, parquet_path
+
+
+__all__ = ["OUTPUT_COLUMNS", "photometric_release", "predict_partition", "run_photometric", "write_photometric_release"]
