@@ -42,6 +42,8 @@ from catalogbuilder.inference.results import (
 
 log = logging.getLogger(__name__)
 
+TASKS_PER_SLOT = 2  # default tasks per worker thread (or GPU) when the pending spectra are few
+MIN_SPECTRA_PER_TASK = 8  # below this a task's overhead (store read, results part) outweighs its inference
 DEFAULT_BATCH_SIZE = 256  # spectra per model.predict call (= a store chunk); the model splits it into forward passes
 # Rows (spectrum x draw) per forward pass on CPU workers: CPU convolutions gain nothing from big batches (measured on
 # apogee_small, 1 thread: 83 rows/s at 1 row, 78 at 21, 52 at 100, 34 at 500: the activations leave the caches);
@@ -374,7 +376,8 @@ def open_grid(store_path: str, snapshot_id: str | None, grid: str) -> Any:
 
 
 def chunk_ranges(n_spectra: int, chunk_sizes: Sequence[int] | None, spectra_per_task: int | None) -> list[tuple[int, int]]:
-    """Index ranges of the tasks: ``spectra_per_task`` spectra each when given, else the store's own chunks."""
+    """Index ranges of ``spectra_per_task`` spectra each when given, else the store's own chunks (tasks are then cut
+    from these ranges, never across them)."""
     if spectra_per_task is not None:
         if spectra_per_task < 1:
             raise ValueError("spectra_per_task must be at least 1")
@@ -382,6 +385,19 @@ def chunk_ranges(n_spectra: int, chunk_sizes: Sequence[int] | None, spectra_per_
     else:
         edges = list(np.cumsum([0, *(chunk_sizes or [n_spectra])]))
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def compute_slots(client: Client) -> int:
+    """How many inference tasks the cluster runs at once: its GPU workers if it has any, else its worker threads."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    gpus = gpu_workers(client)
+    return max(1, len(gpus) if gpus else sum(int(info.get("nthreads", 1)) for info in workers.values()))
+
+
+def balanced_task_size(n_pending: int, slots: int) -> int:
+    """Spectra per task when none is asked for: enough tasks to keep every slot busy (``TASKS_PER_SLOT`` each,
+    for balance and retries), never below ``MIN_SPECTRA_PER_TASK`` (task overhead)."""
+    return max(MIN_SPECTRA_PER_TASK, -(-n_pending // (TASKS_PER_SLOT * slots)))
 
 
 def gpu_workers(client: Client) -> list[str]:
@@ -486,10 +502,12 @@ def run_inference(
     )
     tasks = []
     store_chunks = dataset["flux"].variable.chunksizes.get("spectrum")  # the data's own chunks, not the coordinates
+    per_task = spectra_per_task or balanced_task_size(int(pending.sum()), compute_slots(client))
     for start, stop in chunk_ranges(len(spectrum_ids), store_chunks, spectra_per_task):
-        positions = tuple(int(p) for p in np.flatnonzero(pending[start:stop]) + start)
-        if positions:
-            tasks.append(dataclasses.replace(template, start=start, stop=stop, positions=positions))
+        positions = np.flatnonzero(pending[start:stop]) + start
+        for first in range(0, len(positions), per_task):  # a task never crosses a store chunk
+            piece = tuple(int(p) for p in positions[first:first + per_task])
+            tasks.append(dataclasses.replace(template, start=piece[0], stop=piece[-1] + 1, positions=piece))
     if not tasks:
         report.seconds = time.perf_counter() - began
         return report
