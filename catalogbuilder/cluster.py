@@ -306,6 +306,11 @@ def connect(
         yield client
 
 
+def cluster_requested(args: argparse.Namespace) -> bool:
+    """True when any option of :func:`add_cluster_arguments` was given on the command line."""
+    return any(getattr(args, name, None) for name in ("cluster", "scheduler_file", "address", "runner", "workers"))
+
+
 def connect_from_args(args: argparse.Namespace) -> contextlib.AbstractContextManager[Client]:
     """``connect`` with the options added by :func:`add_cluster_arguments`."""
     return connect(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import dask
 
-from catalogbuilder.cluster import add_cluster_arguments, connect_from_args
+from catalogbuilder.cluster import add_cluster_arguments, cluster_requested, connect_from_args
 from catalogbuilder.crossmatch.match import DEFAULT_RADIUS_ARCSEC
 
 if TYPE_CHECKING:
@@ -48,8 +48,7 @@ def catalog_columns(pairs: list[str]) -> CatalogColumns:
 def cluster_or_local(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     """The cluster named by the options, or Dask's threaded scheduler in this process (explicitly, so that a
     distributed client left open in the same process is never used by accident)."""
-    asked = any(getattr(args, name, None) for name in ("cluster", "scheduler_file", "address", "runner", "workers"))
-    return connect_from_args(args) if asked else dask.config.set(scheduler="threads")
+    return connect_from_args(args) if cluster_requested(args) else dask.config.set(scheduler="threads")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

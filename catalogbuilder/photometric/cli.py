@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from catalogbuilder.cluster import add_cluster_arguments, connect_from_args
+from catalogbuilder.cluster import add_cluster_arguments, cluster_requested, connect_from_args
 from catalogbuilder.constants import DEFAULT_DRAWS
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=run_train_command)
 
 
-def _uses_cluster(args: argparse.Namespace) -> bool:
-    return any(getattr(args, name, None) for name in ("cluster", "scheduler_file", "address", "runner", "workers"))
-
-
 def run_photometric_command(args: argparse.Namespace) -> int:
     """Predict and write the release table; exit 2 on an unreadable input table or model."""
     from catalogbuilder.photometric.stage import photometric_release
@@ -64,7 +60,7 @@ def run_photometric_command(args: argparse.Namespace) -> int:
     options = dict(draws=args.draws, seed=args.seed, partition_rows=args.partition_rows, gaia=args.gaia,
                    radius_arcsec=args.radius)
     try:
-        if _uses_cluster(args):
+        if cluster_requested(args):
             with connect_from_args(args) as client:
                 rows, fits_path, parquet_path = photometric_release(args.input, args.model, args.out, client=client, **options)
         else:

@@ -1,6 +1,7 @@
 """The one reader interface: every survey reader turns a FITS file into a list of :class:`Spectrum`."""
 from __future__ import annotations
 
+import abc
 import dataclasses
 import gzip
 import hashlib
@@ -56,7 +57,7 @@ class Reader(Protocol):
     def read(self, path: Path) -> list[Spectrum]: ...
 
 
-class FitsReader:
+class FitsReader(abc.ABC):
     """Base of the survey readers: a FITS layout test and a reader of an open, fully loaded HDU list.
 
     ``survey`` is the ``read_spectra`` survey value of the format; ``accepted_surveys`` every value that may ask for it.
@@ -65,13 +66,13 @@ class FitsReader:
     survey: str = ""
     accepted_surveys: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def matches(self, hdul: fits.HDUList) -> bool:
         """True when the header/HDU layout is this reader's format."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_hdul(self, hdul: fits.HDUList) -> list[Spectrum]:
         """Every spectrum of an open file of this format."""
-        raise NotImplementedError
 
     def mismatch_reason(self, hdul: fits.HDUList) -> str:
         """Reject reason for a file that is not of this format."""

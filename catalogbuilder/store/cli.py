@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Any
 
-from catalogbuilder.cluster import add_cluster_arguments, connect_from_args
+from catalogbuilder.cluster import add_cluster_arguments, cluster_requested, connect_from_args
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ def _wants_cluster(args: argparse.Namespace, n_files: int) -> bool:
     """Dask when asked for (any cluster option) or when the input is large; never with ``--serial``."""
     if args.serial:
         return False
-    asked = any(getattr(args, name, None) for name in ("cluster", "scheduler_file", "address", "runner", "workers"))
-    return asked or n_files > SERIAL_MAX_FILES
+    return cluster_requested(args) or n_files > SERIAL_MAX_FILES
 
 
 def run_ingest(args: argparse.Namespace) -> int:
