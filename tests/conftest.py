@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("CATALOGBUILDER_SHARED", REPO_ROOT.parent / "shared"))
+SHARED_DIR = Path(os.environ.get("CATALOGBUILDER_SHARED", REPO_ROOT.parent / "shared")).resolve()
 
 
 @pytest.fixture(scope="session")
