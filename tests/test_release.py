@@ -220,3 +220,17 @@ def test_release_of_a_store_without_results_is_a_clear_error(tmp_path: Path, cap
     SpectrumStore.open(tmp_path / "empty")
     assert main(["release", "--store", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     assert "holds no results" in capsys.readouterr().err
+
+
+def test_non_ascii_text_is_escaped_in_fits_and_kept_in_parquet(tmp_path: Path) -> None:
+    """FITS holds ASCII only: a reject reason with 'Å' (as the LAMOST MRS reason has) or a non-ASCII path is written
+    escaped, while the Parquet table keeps the text unchanged."""
+    from astropy.table import Table
+
+    from catalogbuilder.release.tables import fits_ready
+
+    table = fits_ready(Table({"reason": np.array(["6500 Å arm", "ok"], dtype=object), "file": ["/data/Ångström.fits", "/d/a.fits"]}))
+    assert list(table["reason"]) == ["6500 \\xc5 arm", "ok"] and table["file"][0] == "/data/\\xc5ngstr\\xf6m.fits"
+    path = tmp_path / "t.fits"
+    table.write(path)
+    assert Table.read(path)["reason"][0] == "6500 \\xc5 arm"

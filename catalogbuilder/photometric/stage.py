@@ -33,6 +33,7 @@ from catalogbuilder.constants import DEFAULT_DRAWS, FLAG_BAD_MASK, FLAG_WARN_MAS
 from catalogbuilder.models.montecarlo import spectrum_seed
 from catalogbuilder.models.photometric import PARALLAX, TARGETS, TARGET_UNITS, PhotometricModel
 from catalogbuilder.models.registry import resolve_model_dir
+from catalogbuilder.release.tables import fits_ready
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,7 @@ def write_photometric_release(rows: pd.DataFrame, out_dir: str | Path, inputs: S
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"allStar-{model_name}-{SURVEY}"
     cards = _header_cards(rows, thresholds, inputs)
-    table = Table.from_pandas(rows)
-    for name in table.colnames:
-        if table[name].dtype.kind == "O":
-            table[name] = np.asarray(table[name], dtype=f"U{max(1, max(map(len, table[name]), default=1))}")
+    table = fits_ready(Table.from_pandas(rows))
     # FITS has no 'dex': log g and [Fe/H] columns stay unitless there (their units are in the docs and Parquet metadata)
     units = {"ra": "deg", "dec": "deg", **{f"{p}teff": "K" for p in ("", "e_", "raw_e_")}}
     for name, unit in units.items():

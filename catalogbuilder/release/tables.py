@@ -283,6 +283,17 @@ def _fits_card(key: str, value: object, comment: str) -> fits.Card:
     return fits.Card(key, value, comment if len(repr(value)) + len(comment) <= fits_width - 2 else "")
 
 
+def fits_ready(table: Table) -> Table:
+    """``table`` with its object (str) columns as fixed-width ASCII strings, at least one character wide: FITS holds
+    ASCII only, so other characters (e.g. in a file path or a reject reason) are written as Python escapes (``\\xc5``);
+    the Parquet table keeps them as they are."""
+    for name in table.colnames:
+        if table[name].dtype.kind in "OU":
+            values = [str(value).encode("ascii", "backslashreplace").decode("ascii") for value in table[name]]
+            table[name] = np.asarray(values, dtype=f"U{max(1, max(map(len, values), default=1))}")
+    return table
+
+
 def write_table(table: ReleaseTable, out_dir: str | Path, thresholds: FlagThresholds, provenance: dict[str, str]) -> tuple[Path, Path]:
     """Write ``<out>/<survey>/<model>/<stem>.fits.gz`` and ``.parquet``; returns both paths."""
     folder = Path(out_dir) / table.survey / table.model_name
@@ -291,10 +302,7 @@ def write_table(table: ReleaseTable, out_dir: str | Path, thresholds: FlagThresh
     units = {name: (unit, text) for name, unit, text in release_columns(has_rv)}
     cards = header_cards(table, thresholds, provenance)
 
-    astropy_table = Table.from_pandas(table.rows)
-    for name in astropy_table.colnames:
-        if astropy_table[name].dtype.kind == "O":  # fixed-width strings (at least one character wide)
-            astropy_table[name] = np.asarray(astropy_table[name], dtype=f"U{max(1, max(map(len, astropy_table[name]), default=1))}")
+    astropy_table = fits_ready(Table.from_pandas(table.rows))
     hdu = fits.BinTableHDU(astropy_table, name=table.level.upper())
     for index, name in enumerate(astropy_table.colnames, start=1):
         unit, text = units[name]
