@@ -39,8 +39,10 @@ CLUSTER_KINDS: tuple[str, ...] = ("local", "local-gpu", "slurm", "pbs", "slurm-r
 JOBQUEUE_KINDS: tuple[str, ...] = ("slurm", "pbs")
 RUNNERS: tuple[str, ...] = ("slurm",)
 # Defaults of every local cluster started here: one thread per worker process (torch and numpy already use
-# their own threads) and no dashboard unless the config asks for one.
-LOCAL_DEFAULTS: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": None}
+# their own threads), no dashboard unless the config asks for one, and worker logs at ERROR only (the warnings
+# distributed prints while a local cluster shuts down, heartbeats to a closed scheduler, are noise to a user).
+LOCAL_DEFAULTS: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": None,
+                                  "silence_logs": logging.ERROR}
 RUNNER_DEFAULT_SCHEDULER_FILE = "scheduler-{job_id}.json"
 # Worker resource advertised by GPU workers (``dask cuda worker --resources GPU=1``); GPU tasks require one unit.
 GPU_RESOURCE = "GPU"
