@@ -29,7 +29,7 @@ from catalogbuilder.inference.graph import DEFAULT_BATCH_SIZE, DEFAULT_RETRIES, 
 from catalogbuilder.models.registry import load_model
 from catalogbuilder.photometric.stage import photometric_release
 from catalogbuilder.readers import SURVEY_CHOICES
-from catalogbuilder.release.tables import ReleaseTable, build_release, load_store_frames
+from catalogbuilder.release.tables import ReleaseTable, build_release, store_spectra
 from catalogbuilder.store import IngestReport, SpectrumStore, expand_inputs
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def check_models(config: WorkflowConfig) -> set[str]:
 def photometry_table(config: WorkflowConfig) -> Path:
     """Cross-match the store with the configured catalogs into ``<output>/crossmatch.parquet`` before inference, for
     the models that take Gaia/2MASS photometry as input (the release repeats the same match for its flags)."""
-    spectra, _, _ = load_store_frames(config.store)
+    spectra = store_spectra(config.store, input_quality=False)  # positions and header 2MASS only
     path = Path(config.output) / "crossmatch.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     crossmatch(spectra, config.catalogs, config.radius_arcsec).to_parquet(path, index=False)

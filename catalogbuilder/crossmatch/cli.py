@@ -67,11 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_crossmatch(args: argparse.Namespace) -> int:
     """Cross-match and write; exit 2 on bad options or an unreadable catalog."""
     from catalogbuilder.crossmatch.match import crossmatch
-    from catalogbuilder.release.tables import load_store_frames
+    from catalogbuilder.release.tables import store_spectra
 
     try:
         columns = catalog_columns(args.column)
-        spectra, _, _ = load_store_frames(args.store)
+        spectra = store_spectra(args.store, input_quality=False)  # positions and header 2MASS only
         with cluster_or_local(args):
             matches = crossmatch(spectra, args.catalog, args.radius, columns, margin_cache=args.margin_cache, epoch=args.epoch)
     except (ValueError, FileNotFoundError) as error:

@@ -129,17 +129,19 @@ def guess_survey(file_name: str) -> str:
     return next((survey for survey, pattern in SURVEY_FILE_PATTERNS if pattern.match(name)), UNKNOWN_SURVEY)
 
 
-def spectra_from_dataset(dataset: xr.Dataset, grid: str) -> pd.DataFrame:
+def spectra_from_dataset(dataset: xr.Dataset, grid: str, input_quality: bool = True) -> pd.DataFrame:
     """Per-spectrum metadata of one store grid (its ``spectrum`` coordinates, ``file_path`` renamed ``file``) plus
-    ``grid`` and the input-quality columns of :func:`~catalogbuilder.calibrate.flags.spectrum_quality`."""
+    ``grid`` and, with ``input_quality``, the columns of :func:`~catalogbuilder.calibrate.flags.spectrum_quality`
+    (a pass over every stored flux value; positions alone need none)."""
     frame = pd.DataFrame({
         name: (coord.values.astype(object) if coord.values.dtype.kind in "OTUS" else coord.values)
         for name, coord in dataset.coords.items() if coord.dims == ("spectrum",)
     })
-    frame = frame.rename(columns={"file_path": "file"})
+    frame = frame.rename(columns={"file_path": "file"}).reset_index(drop=True)
     frame["grid"] = grid
-    quality = spectrum_quality(dataset["flux"].data)
-    return pd.concat([frame.reset_index(drop=True), quality], axis=1)
+    if not input_quality:
+        return frame
+    return pd.concat([frame, spectrum_quality(dataset["flux"].data)], axis=1)
 
 
 def reject_rows(rejects: pd.DataFrame) -> pd.DataFrame:
@@ -330,17 +332,24 @@ def write_table(table: ReleaseTable, out_dir: str | Path, thresholds: FlagThresh
     return fits_path, parquet_path
 
 
+def store_spectra(store_path: str | Path, input_quality: bool = True) -> pd.DataFrame:
+    """:func:`spectra_from_dataset` of every grid of a spectrum store, concatenated."""
+    from catalogbuilder.store.spectra import SpectrumStore
+
+    store = SpectrumStore.open(store_path)
+    grids = [spectra_from_dataset(dataset, grid, input_quality)
+             for grid in GRIDS if (dataset := store.dataset(grid)) is not None]
+    return pd.concat(grids, ignore_index=True) if grids else pd.DataFrame(columns=["spectrum_id", "ra", "dec", "grid"])
+
+
 def load_store_frames(store_path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(spectra, results, rejects) of a spectrum store: the per-spectrum coordinates and input quality of every grid,
     the latest results of every model (``ResultsStore.read``), and the rejected files."""
     from catalogbuilder.inference.results import ResultsStore
     from catalogbuilder.store.spectra import SpectrumStore
 
-    store = SpectrumStore.open(store_path)
-    grids = [spectra_from_dataset(dataset, grid) for grid in GRIDS if (dataset := store.dataset(grid)) is not None]
-    spectra = pd.concat(grids, ignore_index=True) if grids else pd.DataFrame(columns=["spectrum_id", "ra", "dec", "grid"])
     results = ResultsStore.for_store(store_path).read()
-    return spectra, results, store.rejects()
+    return store_spectra(store_path), results, SpectrumStore.open(store_path).rejects()
 
 
 def build_release(

@@ -11,23 +11,24 @@ from catalogbuilder.constants import GRIDS
 
 DEFAULT_LABEL_COLUMNS = "teff=TEFF,logg=LOGG,fe_h=FE_H"
 PHOTOMETRIC_FAMILY = "photometric"
-FAMILIES: tuple[str, ...] = ("bossnet", "apogeenet1", "apogeenet2", PHOTOMETRIC_FAMILY)
+SPECTRAL_FAMILIES: tuple[str, ...] = ("bossnet", "apogeenet1", "apogeenet2")  # trained on store spectra
+FAMILIES: tuple[str, ...] = (*SPECTRAL_FAMILIES, PHOTOMETRIC_FAMILY)
 
 # Options that only some families read (argparse dest → families); giving one to another family is an error, so a
 # misspelt family never silently trains something else. Their defaults are None and resolved per family below.
 FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "store": ("bossnet", "apogeenet1", "apogeenet2"),
-    "labels": ("bossnet", "apogeenet1", "apogeenet2"),
-    "config": ("bossnet", "apogeenet1", "apogeenet2"),
-    "label_columns": ("bossnet", "apogeenet1", "apogeenet2"),
-    "join_on": ("bossnet", "apogeenet1", "apogeenet2"),
-    "label_key": ("bossnet", "apogeenet1", "apogeenet2"),
-    "grid": ("bossnet", "apogeenet1", "apogeenet2"),
-    "kind": ("bossnet", "apogeenet1", "apogeenet2"),
-    "description": ("bossnet", "apogeenet1", "apogeenet2"),
-    "epochs": ("bossnet", "apogeenet1", "apogeenet2"),
-    "samples_per_epoch": ("bossnet", "apogeenet1", "apogeenet2"),
-    "device": ("bossnet", "apogeenet1", "apogeenet2"),
+    "store": SPECTRAL_FAMILIES,
+    "labels": SPECTRAL_FAMILIES,
+    "config": SPECTRAL_FAMILIES,
+    "label_columns": SPECTRAL_FAMILIES,
+    "join_on": SPECTRAL_FAMILIES,
+    "label_key": SPECTRAL_FAMILIES,
+    "grid": SPECTRAL_FAMILIES,
+    "kind": SPECTRAL_FAMILIES,
+    "description": SPECTRAL_FAMILIES,
+    "epochs": SPECTRAL_FAMILIES,
+    "samples_per_epoch": SPECTRAL_FAMILIES,
+    "device": SPECTRAL_FAMILIES,
     "photometry": ("apogeenet2",),
     "apokasc": (PHOTOMETRIC_FAMILY,),
     "gaia": (PHOTOMETRIC_FAMILY,),
