@@ -20,16 +20,18 @@ import numpy as np
 import pytest
 
 from catalogbuilder.store import SpectrumStore
+from catalogbuilder.store.writer import commit_lock
 
 N_BEFORE, N_CRASH = 3, 48  # LAMOST DR1 files in the store before, and in the ingest that is killed
 
 CHILD = """
 import sys, time
-import catalogbuilder.store.spectra as spectra
+import catalogbuilder.store.writer as writer
+from catalogbuilder.store import SpectrumStore
 store_path, kill_after, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 if kill_after:
-    spectra.SPECTRUM_CHUNK = 4  # append every 4 spectra, so the kill lands between many partial-chunk rewrites
-    write = spectra.GridWriter._write
+    writer.SPECTRUM_CHUNK = 4  # append every 4 spectra, so the kill lands between many partial-chunk rewrites
+    write = writer._GridAppender._write
     appended = []
 
     def reporting_write(self, block):
@@ -39,15 +41,15 @@ if kill_after:
         if len(appended) == kill_after:
             time.sleep(600)  # the parent kills us here
 
-    spectra.GridWriter._write = reporting_write
-commit_lock = spectra.SpectrumStore.commit_lock
+    writer._GridAppender._write = reporting_write
+commit_lock = writer.commit_lock
 
-def announced_lock(self):
+def announced_lock(path):
     print("COMMITTING", flush=True)
-    return commit_lock(self)
+    return commit_lock(path)
 
-spectra.SpectrumStore.commit_lock = announced_lock
-report = spectra.SpectrumStore.open(store_path).ingest(files, progress=False)
+writer.commit_lock = announced_lock
+report = SpectrumStore.open(store_path, create=True).ingest(files, progress=False)
 print("COMMITTED", report.snapshot_id, report.attempts, flush=True)
 """
 
@@ -60,7 +62,7 @@ def start_child(store: Path, files: list[Path], kill_after: int = 0) -> subproce
 
 def snapshot_state(store: SpectrumStore) -> dict[str, object]:
     """Everything a reader of the store sees: ids, flux, ledger and rejects of the latest commit."""
-    state: dict[str, object] = {"snapshot": store.snapshot_id, "files": store.files().to_dict("list")}
+    state: dict[str, object] = {"snapshot": store.snapshot_id, "files": store.files().astype(str).to_dict("list")}
     dataset = store.dataset("optical")
     state["ids"] = dataset["spectrum_id"].values.tolist()
     state["flux"] = dataset["flux"].values
@@ -90,14 +92,14 @@ def files(shared_data: Path) -> tuple[list[Path], list[Path]]:
 @pytest.fixture()
 def before(files: tuple[list[Path], list[Path]], tmp_path: Path) -> tuple[SpectrumStore, dict[str, object]]:
     """A store holding the first set of files, and its state."""
-    store = SpectrumStore.open(tmp_path / "store")
+    store = SpectrumStore.open(tmp_path / "store", create=True)
     store.ingest(files[0], progress=False)
     return store, snapshot_state(store)
 
 
 def resume_and_check(store: SpectrumStore, files: tuple[list[Path], list[Path]]) -> None:
     """A normal ingest after the crash completes and leaves exactly both file sets, consistent."""
-    report = SpectrumStore.open(store.path).ingest(files[1], progress=False)
+    report = SpectrumStore.open(store.path, create=True).ingest(files[1], progress=False)
     assert report.rejected == []
     assert store.check() == []
     ids = store.dataset("optical")["spectrum_id"].values.tolist()
@@ -156,7 +158,7 @@ def test_two_ingest_processes_at_once_both_land(before, files) -> None:
     the first. Both file sets end up in the store exactly once; nothing is lost or mixed."""
     store, _ = before
     halves = files[1][: N_CRASH // 2], files[1][N_CRASH // 2 :]
-    with store.commit_lock():
+    with commit_lock(store.path):
         children = [start_child(store.path, half) for half in halves]
         for child in children:
             line = child.stdout.readline()

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from catalogbuilder.constants import APOGEE_NPIX, GRID_APOGEE, GRID_OPTICAL, apogee_wavelength
+from catalogbuilder.constants import APOGEE_NPIX, GRID_APOGEE, GRID_OPTICAL, GRID_SPECS, apogee_wavelength
 from catalogbuilder.readers import (
-    PIXMASK_NO_COVERAGE,
     READERS,
     SURVEY_CHOICES,
     ReaderError,
@@ -75,7 +74,10 @@ def test_lamost_dr6_dr7_image_files(shared_data: Path) -> None:
 def test_boss_full_and_lite(shared_data: Path) -> None:
     (full,) = read_spectra(shared_data / BOSS_FULL)
     (lite,) = read_spectra(shared_data / BOSS_LITE, survey="boss")
-    assert (full.object_id, lite.object_id) == ("3586-55181-0500", "0266-51602-0031")
+    # the star is the SDSS photometric object (SPALL OBJID, SPECOBJ BESTOBJID); the observation is plate-mjd-fiber
+    assert (full.object_id, lite.object_id) == ("1237663784200306761", "1237648721216405598")
+    assert (full.product_key, lite.product_key) == ("spec|3586|55181|500", "spec|266|51602|31")
+    assert full.reduction == "v5_10_0"
     assert full.meta["metadata_hdu"] == "SPALL" and lite.meta["metadata_hdu"] == "SPECOBJ"
     assert full.ra == pytest.approx(6.7137386) and lite.ra == pytest.approx(147.32107)  # PLUG_RA, not the boresight
     assert full.snr == pytest.approx(54.975536) and full.mjd == 55181
@@ -89,7 +91,7 @@ def test_boss_full_and_lite(shared_data: Path) -> None:
 def test_apstar_rows_headers_and_visits(shared_data: Path) -> None:
     giant = read_spectra(shared_data / APSTAR_GIANT)
     assert [(s.kind, s.row, s.visit) for s in giant] == [
-        ("combined", 0, 0), ("combined", 1, 0), ("visit", 2, 1), ("visit", 3, 2), ("visit", 4, 3)
+        ("combined", 0, 0), ("combined-alt", 1, 0), ("visit", 2, 1), ("visit", 3, 2), ("visit", 4, 3)
     ]
     assert all(s.grid == GRID_APOGEE and s.wavelength is None and s.flux.shape == (APOGEE_NPIX,) for s in giant)
     assert giant[0].meta["nvisits"] == 3 and giant[0].object_id == "2M17335483-2753043"
@@ -115,7 +117,7 @@ def test_apvisit_rest_frame_resampling_matches_native_flux(shared_data: Path) ->
             velocity = hdul[0].header["VRAD"]
             assert velocity == pytest.approx(hdul[0].header["VHELIO"] - hdul[0].header["BC"], abs=1e-3)
         assert spectrum.meta["rest_frame_velocity"] == velocity
-        gaps = (spectrum.mask & PIXMASK_NO_COVERAGE) != 0
+        gaps = (spectrum.mask & GRID_SPECS["apogee"].no_coverage) != 0
         assert 500 < gaps.sum() < 1000 and not spectrum.flux[gaps].any() and not spectrum.error[gaps].any()
         assert spectrum.flux[~gaps].all()
         # back at the native rest-frame pixels, the resampled spectrum reproduces the native flux to the noise level
@@ -159,7 +161,7 @@ def test_rejected_products_give_reasons(shared_data: Path) -> None:
 
 
 def test_survey_mismatch_and_unknown_survey(shared_data: Path) -> None:
-    with pytest.raises(ReaderError, match="boss file, not lamost"):
+    with pytest.raises(ReaderError, match="of survey boss, not lamost"):
         read_spectra(shared_data / BOSS_LITE, survey="lamost")
     with pytest.raises(ReaderError, match="not apogee-visit"):
         read_spectra(shared_data / APSTAR_DWARF, survey="apogee-visit")

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from catalogbuilder.constants import APOGEE_NPIX, CLIP_OFFSET, CLIP_QUANTILE, FLUX_FLOOR, optical_wavelength
-from catalogbuilder.readers import PIXMASK_NO_COVERAGE, read_spectra
+from catalogbuilder.constants import APOGEE_NPIX, CLIP_OFFSET, CLIP_QUANTILE, FLUX_FLOOR, GRID_SPECS, optical_wavelength
+from catalogbuilder.readers import read_spectra
+
+NO_COVERAGE = GRID_SPECS["optical"].no_coverage
 from catalogbuilder.readers.base import interpolate_onto
 from catalogbuilder.store.resample import to_model_grid
 
@@ -40,12 +42,13 @@ def test_conformance_model_input_from_reference_and_from_our_readers(shared_data
             vectors["raw_error"][index, :length],
             np.zeros(length, np.int64),
             grid,
+            NO_COVERAGE,
         )
         np.testing.assert_allclose(log_clip(reference_flux), vectors["model_input"][index], rtol=0, atol=1e-5)
         path = re.fullmatch(r"(.+)\[0\]", str(name)).group(1)
         (spectrum,) = read_spectra(shared_data / path)
         flux, error, mask = to_model_grid(spectrum)
-        assert flux.dtype == error.dtype == np.float32 and mask.dtype == np.int64 and flux.shape == grid.shape
+        assert flux.dtype == error.dtype == np.float32 and mask.dtype == np.uint32 and flux.shape == grid.shape
         np.testing.assert_allclose(log_clip(flux), vectors["model_input"][index], rtol=0, atol=1e-5, err_msg=str(name))
         assert np.all(np.isfinite(error)) and np.all(error > 0)
 
@@ -56,7 +59,7 @@ def test_grid_points_outside_the_native_range_hold_the_edge_and_are_flagged(shar
     outside = optical_wavelength() < spectrum.wavelength[0]
     assert outside.sum() == 1
     assert flux[0] == spectrum.flux[0] and error[0] == spectrum.error[0]
-    assert mask[0] & PIXMASK_NO_COVERAGE and not np.any(mask[~outside] & PIXMASK_NO_COVERAGE)
+    assert mask[0] & NO_COVERAGE and not np.any(mask[~outside] & NO_COVERAGE)
 
 
 def test_mask_is_or_of_the_bracketing_native_pixels(shared_data: Path) -> None:
@@ -106,7 +109,8 @@ def test_apstar_rows_pass_through_and_bad_lengths_fail(shared_data: Path) -> Non
         assert flux.shape == (APOGEE_NPIX,)
         np.testing.assert_array_equal(flux, spectrum.flux)
         np.testing.assert_array_equal(error, spectrum.error)
-        np.testing.assert_array_equal(mask, spectrum.mask)
+        np.testing.assert_array_equal(mask, spectrum.mask)  # APOGEE bits 0-14 all kept
+        assert mask.dtype == np.uint16
     short = dataclasses.replace(spectra[0], flux=spectra[0].flux[:100])
     with pytest.raises(ValueError, match="8575"):
         to_model_grid(short)

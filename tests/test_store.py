@@ -47,7 +47,7 @@ def rows_of(dataset, name: str, value: object):
 @pytest.fixture(scope="module")
 def ingested(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[SpectrumStore, object]:
     """A store holding INITIAL (serial ingest) and its report."""
-    store = SpectrumStore.open(tmp_path_factory.mktemp("store") / "spectra")
+    store = SpectrumStore.open(tmp_path_factory.mktemp("store") / "spectra", create=True)
     report = store.ingest([shared_data / name for name in INITIAL], progress=False)
     return store, report
 
@@ -63,14 +63,15 @@ def test_layout_counts_and_grids(ingested, shared_data: Path) -> None:
     assert optical.sizes == {"spectrum": len(INITIAL) - 2, "pixel": OPTICAL_NPIX}
     assert report.added == {"apogee": 7, "optical": 8} and report.rejected == [] and report.files_added == len(INITIAL)
     info = store.info()
-    assert info["grids"]["apogee"]["by_survey_kind"] == {"apogee/combined": 4, "apogee/visit": 3}
+    assert info["grids"]["apogee"]["by_survey_kind"] == {"apogee/combined": 2, "apogee/combined-alt": 2,
+                                                         "apogee/visit": 3}
     assert info["grids"]["optical"]["by_survey_kind"] == {"boss/combined": 2, "lamost/combined": 6}
-    assert info["total_spectra"] == 15 and info["files"] == len(INITIAL) and info["snapshots"] == 2
+    assert info["total_spectra"] == info["active_spectra"] == 15
+    assert info["files"] == {"active": len(INITIAL)} and info["snapshots"] == 2
     np.testing.assert_array_equal(apogee["wavelength"].values, grid_wavelength("apogee"))
     np.testing.assert_array_equal(optical["wavelength"].values, grid_wavelength("optical").astype(np.float64))
-    assert (
-        apogee["flux"].dtype == np.float32 and apogee["error"].dtype == np.float32 and apogee["mask"].dtype == np.int64
-    )
+    assert apogee["flux"].dtype == apogee["error"].dtype == np.float32
+    assert apogee["mask"].dtype == np.uint16 and optical["mask"].dtype == np.uint32  # narrowest type for the bits
     assert apogee["flux"].encoding["chunks"] == (256, APOGEE_NPIX) and apogee["ra"].encoding["chunks"] == (4096,)
     assert store.check() == []
 
@@ -81,7 +82,7 @@ def test_coordinates_come_from_headers(ingested, shared_data: Path) -> None:
     header = fits.getheader(shared_data / APSTAR_3VISITS)
     rows = rows_of(apogee, "source_id", header["OBJID"])
     assert column(rows, "row") == [0, 1, 2, 3, 4] and column(rows, "visit") == [0, 0, 1, 2, 3]
-    assert column(rows, "kind") == ["combined"] * 2 + ["visit"] * 3
+    assert column(rows, "kind") == ["combined", "combined-alt"] + ["visit"] * 3
     np.testing.assert_allclose(rows["ra"].values, header["RA"]) and np.testing.assert_allclose(
         rows["dec"].values, header["DEC"]
     )
@@ -142,7 +143,7 @@ def test_reingest_is_idempotent_and_new_files_add_only_their_rows(ingested, shar
     assert report.added == {"apogee": 0, "optical": 1} and report.files_added == 1
     optical = store.dataset("optical")
     assert optical.sizes["spectrum"] == 9 and column(optical, "file_path")[-1] == str(shared_data / LAMOST_DR1[4])
-    assert store.dataset("optical", snapshot=before).sizes["spectrum"] == 8  # time travel to the earlier commit
+    assert store.at(before).dataset("optical").sizes["spectrum"] == 8  # time travel to the earlier commit
     assert store.check() == []
 
 
@@ -174,7 +175,7 @@ def test_bad_files_are_rejected_and_the_run_goes_on(shared_data: Path, tmp_path:
     broken = broken_inputs(shared_data, tmp_path)
     good = shared_data / LAMOST_DR1[5]
     originals = {name: path.read_bytes() for name, path in broken.items() if path.exists()}
-    store = SpectrumStore.open(tmp_path / "store")
+    store = SpectrumStore.open(tmp_path / "store", create=True)
     report = store.ingest(
         [broken["truncated"], good, broken["garbage"], broken["all_nan"], broken["zero_ivar"], broken["missing"]],
         progress=False,
@@ -186,12 +187,16 @@ def test_bad_files_are_rejected_and_the_run_goes_on(shared_data: Path, tmp_path:
     assert "cannot read file" in reasons[str(broken["missing"])]
     assert all(reason for reason in reasons.values())
     rejects = store.rejects()
-    assert list(rejects.columns) == ["file", "sha256", "reason", "time", "reader_version"] and len(rejects) == 5
-    assert set(rejects.loc[rejects["file"] != str(broken["missing"]), "sha256"].str.len()) == {64}
+    assert len(rejects) == 5 and set(rejects["status_name"]) == {"current"}
+    assert set(rejects.loc[rejects["file_path"] != str(broken["missing"]), "file_sha256"].str.len()) == {64}
+    assert dict(zip(rejects["file_path"], rejects["survey"]))[str(broken["zero_ivar"])] == "lamost"  # as recognised
     assert {name: broken[name].read_bytes() for name in originals} == originals  # inputs never modified
     # a file of another survey than asked for is rejected too
     wrong = store.ingest([shared_data / BOSS_FILES[0]], survey="lamost", progress=False)
     assert wrong.spectra_added == 0 and "not lamost" in dict(wrong.rejected)[str(shared_data / BOSS_FILES[0])]
+    # ... but that reject was the caller's choice: with the right survey (or auto) the file is read and ingested
+    right = store.ingest([shared_data / BOSS_FILES[0]], progress=False)
+    assert right.added["optical"] == 1 and str(shared_data / BOSS_FILES[0]) not in set(store.rejects()["file_path"])
     # the same broken bytes again are not re-read; a file fixed later (new bytes, same path) is ingested
     again = store.ingest([broken["garbage"]], progress=False)
     assert again.previously_rejected and again.snapshot_id is None
@@ -210,10 +215,10 @@ def test_dask_ingest_equals_serial_ingest(shared_data: Path, tmp_path: Path) -> 
     files = [shared_data / name for name in INITIAL] + [tmp_path / "garbage.fits"]
     files[-1].write_bytes(b"SIMPLE  = not really a FITS file")
     later = [shared_data / LAMOST_DR1[5], files[0]]
-    serial = SpectrumStore.open(tmp_path / "serial")
+    serial = SpectrumStore.open(tmp_path / "serial", create=True)
     serial.ingest(files, progress=False)
     serial.ingest(later, progress=False)
-    parallel = SpectrumStore.open(tmp_path / "dask")
+    parallel = SpectrumStore.open(tmp_path / "dask", create=True)
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
@@ -236,18 +241,21 @@ def test_concurrent_commit_is_redone_or_fails_cleanly(
     """Writer A is overtaken by writer B between its writes and its commit: A's commit conflicts, A redoes its ingest
     on top of B (both sets present); with one attempt only A fails with StoreConflictError and B's state is intact."""
     path = tmp_path / "store"
-    SpectrumStore.open(path).ingest([shared_data / LAMOST_DR1[0]], progress=False)
+    SpectrumStore.open(path, create=True).ingest([shared_data / LAMOST_DR1[0]], progress=False)
     a_files, b_files = [shared_data / LAMOST_DR1[1]], [shared_data / LAMOST_DR1[2]]
+    from catalogbuilder.store import writer as writer_module
+
     writer_a = SpectrumStore.open(path)
-    original_lock = SpectrumStore.commit_lock
+    original_lock = writer_module.commit_lock
     overtaken: list[str] = []
 
-    def lock_after_b_commits(self: SpectrumStore):
-        if self is writer_a and not overtaken:
-            overtaken.append(SpectrumStore.open(path).ingest(b_files, progress=False).snapshot_id)
-        return original_lock(self)
+    def lock_after_b_commits(store_path: Path):
+        if not overtaken:  # writer A is about to commit: B commits first (its own commit takes the lock normally)
+            overtaken.append("")
+            overtaken[0] = SpectrumStore.open(path).ingest(b_files, progress=False).snapshot_id
+        return original_lock(store_path)
 
-    monkeypatch.setattr(SpectrumStore, "commit_lock", lock_after_b_commits)
+    monkeypatch.setattr(writer_module, "commit_lock", lock_after_b_commits)
     report = writer_a.ingest(a_files, progress=False)
     assert report.attempts == 2 and report.added["optical"] == 1
     assert [snapshot.parent_id for snapshot in writer_a.snapshots()[:1]] == overtaken
@@ -270,16 +278,21 @@ def test_expand_inputs_lists_and_directories(
     listing = tmp_path / "list.txt"
     listing.write_text(f"# nightly\n{shared_data / BOSS_FILES[0]}\n\n{shared_data / 'lamost/laspec'}\n")
     monkeypatch.chdir(shared_data)
-    paths = expand_inputs([f"@{listing}", BOSS_FILES[0], "lamost/laspec"])
+    inputs = expand_inputs([f"@{listing}", BOSS_FILES[0], "lamost/laspec"])
     laspec = sorted(str(p) for p in (shared_data / "lamost/laspec").iterdir() if p.name.endswith((".fits", ".fits.gz")))
-    assert paths == [str(shared_data / BOSS_FILES[0]), *laspec]
+    assert inputs.paths == [str(shared_data / BOSS_FILES[0]), *laspec] and inputs.subfolders == []
 
 
 def test_open_refuses_a_folder_that_is_not_a_store(tmp_path: Path) -> None:
     (tmp_path / "data.txt").write_text("not a store")
     with pytest.raises(StoreError, match="not a spectrum store"):
-        SpectrumStore.open(tmp_path)
-    assert SpectrumStore.open(tmp_path / "new").dataset("apogee") is None
+        SpectrumStore.open(tmp_path, create=True)
+    with pytest.raises(StoreError, match="no spectrum store"):  # only the ingest creates stores
+        SpectrumStore.open(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(StoreError, match="is a file"):
+        SpectrumStore.open(tmp_path / "data.txt")
+    assert SpectrumStore.open(tmp_path / "new", create=True).dataset("apogee") is None
 
 
 def test_cli_ingest_and_info(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -295,12 +308,12 @@ def test_cli_ingest_and_info(shared_data: Path, tmp_path: Path, capsys: pytest.C
     assert "skipped 1 files (1 spectra) already present" in capsys.readouterr().out
     assert main(["store", "info", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "apogee/combined" in out and "total             3 spectra from 2 files; 1 rejected files" in out
+    assert "apogee/combined" in out and "3 spectra (3 active); files: 2 active; 1 current rejects" in out
     assert main(["store", "check", str(store)]) == 0 and "consistent" in capsys.readouterr().out
     assert main(["store", "gc", str(store), "--hours", "0", "--dry-run"]) == 0
     assert "would delete 0 chunks" in capsys.readouterr().out  # both ingests committed: nothing is garbage
     assert main(["ingest", "--store", str(tmp_path / "bad.fits"), "--no-progress", str(shared_data / LAMOST_DR7)]) == 2
-    assert "cannot open spectrum store" in capsys.readouterr().err
+    assert "is a file, not a spectrum store folder" in capsys.readouterr().err
 
 
 def test_a_store_that_cannot_be_written_fails_cleanly(
@@ -309,15 +322,15 @@ def test_a_store_that_cannot_be_written_fails_cleanly(
     import icechunk
 
     path = tmp_path / "store"
-    SpectrumStore.open(path).ingest([shared_data / LAMOST_DR1[0]], progress=False)
+    SpectrumStore.open(path, create=True).ingest([shared_data / LAMOST_DR1[0]], progress=False)
     before = SpectrumStore.open(path).snapshot_id
 
     def disk_full(self, *args, **kwargs):
         raise icechunk.IcechunkError("No space left on device")
 
     monkeypatch.setattr(icechunk.Session, "commit", disk_full)
-    assert main(["ingest", "--store", str(path), "--no-progress", str(shared_data / LAMOST_DR1[1])]) == 2
-    assert "nothing was committed: No space left on device" in capsys.readouterr().err
+    assert main(["ingest", "--store", str(path), "--no-progress", str(shared_data / LAMOST_DR1[1])]) == 1
+    assert capsys.readouterr().err.strip().endswith(": No space left on device; nothing was committed")
     assert SpectrumStore.open(path).snapshot_id == before and SpectrumStore.open(path).check() == []
 
 
@@ -327,26 +340,27 @@ def test_appends_are_chunk_aligned_across_batches_and_ingests(
     """With 4-spectrum chunks, two ingests (the second one completing the first one's partial last chunk) store
     exactly what one ingest with the default chunking stored, and every write but the last of an ingest is whole
     chunks."""
-    from catalogbuilder.store import spectra
+    from catalogbuilder.store import layout, writer
 
     reference, first_ingest = ingested
-    monkeypatch.setattr(spectra, "SPECTRUM_CHUNK", 4)
+    monkeypatch.setattr(writer, "SPECTRUM_CHUNK", 4)
+    monkeypatch.setattr(layout, "SPECTRUM_CHUNK", 4)
     writes: list[tuple[str, int, int]] = []
-    write = spectra.GridWriter._write
+    write = writer._GridAppender._write
 
     def recording_write(self, block):
-        writes.append((self.grid, self.length, len(block)))
+        writes.append((self.grid, self.written, len(block)))
         write(self, block)
 
-    monkeypatch.setattr(spectra.GridWriter, "_write", recording_write)
-    store = SpectrumStore.open(tmp_path / "store")
+    monkeypatch.setattr(writer._GridAppender, "_write", recording_write)
+    store = SpectrumStore.open(tmp_path / "store", create=True)
     store.ingest([shared_data / name for name in INITIAL[:5]], progress=False)
     store.ingest([shared_data / name for name in INITIAL[5:]], progress=False)
     assert store.dataset("optical")["flux"].encoding["chunks"] == (4, OPTICAL_NPIX)
     optical_writes = [(start, n) for grid, start, n in writes if grid == "optical"]
     assert optical_writes == [(0, 3), (3, 1), (4, 4)]  # ingest 1: flush 3; ingest 2: fill the chunk, then a whole one
     for grid in ("apogee", "optical"):
-        expected, got = reference.dataset(grid, snapshot=first_ingest.snapshot_id).load(), store.dataset(grid).load()
+        expected, got = reference.at(first_ingest.snapshot_id).dataset(grid).load(), store.dataset(grid).load()
         assert expected.drop_vars("ingest_time").identical(got.drop_vars("ingest_time"))
     assert store.check() == []
 
@@ -386,8 +400,9 @@ def test_ingest_of_the_shipped_sample(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["ingest", "--store", str(store), "--no-progress", *folders]) == 0
     assert "rejected 0 files" in capsys.readouterr().out
     info = SpectrumStore.open(store).info()
-    assert info["grids"]["apogee"]["by_survey_kind"] == {"apogee/combined": 2, "apogee/visit": 1}
+    assert info["grids"]["apogee"]["by_survey_kind"] == {"apogee/combined": 1, "apogee/combined-alt": 1,
+                                                         "apogee/visit": 1}
     assert info["grids"]["optical"]["by_survey_kind"] == {"boss/combined": 2, "lamost/combined": 10}
-    assert info["files"] == 14 and SpectrumStore.open(store).check() == []
+    assert info["files"] == {"active": 14} and SpectrumStore.open(store).check() == []
     assert main(["ingest", "--store", str(store), "--no-progress", *folders]) == 0
     assert "added 0 spectra" in capsys.readouterr().out and SpectrumStore.open(store).info()["snapshots"] == 2

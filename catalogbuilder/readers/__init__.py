@@ -12,7 +12,6 @@ from astropy.io import fits
 from catalogbuilder.readers import boss, lamost
 from catalogbuilder.readers.apstar import ApStarReader
 from catalogbuilder.readers.apvisit import ApVisitReader
-from catalogbuilder.constants import PIXMASK_NO_COVERAGE
 from catalogbuilder.readers.base import (
     FitsReader,
     READER_VERSION,
@@ -33,7 +32,6 @@ __all__ = [
     "BossReader",
     "FitsReader",
     "LamostReader",
-    "PIXMASK_NO_COVERAGE",
     "READER_VERSION",
     "Reader",
     "ReaderError",
@@ -57,9 +55,9 @@ def _detect(hdul: fits.HDUList) -> FitsReader:
         if reader.matches(hdul):
             return reader
     if lamost.is_lamost(hdul) and lamost.is_mrs(hdul):
-        raise ReaderError(lamost.mrs_reason())
+        raise ReaderError(lamost.mrs_reason(), survey=lamost.SURVEY)
     if boss.is_sdss(hdul):
-        raise ReaderError(boss.unsupported_reason(hdul))
+        raise ReaderError(boss.unsupported_reason(hdul), survey=boss.SURVEY)
     layout = ", ".join(f"{hdu.name or '?'}:{type(hdu).__name__}" for hdu in hdul)
     raise ReaderError(f"unrecognised spectrum format (TELESCOP={hdul[0].header.get('TELESCOP')!r}, HDUs {layout})")
 
@@ -81,8 +79,11 @@ def read_spectra(path: str | Path, survey: str = AUTO) -> list[Spectrum]:
     hdul = load_hdul(path)
     reader = _detect(hdul)
     if survey != AUTO and survey not in reader.accepted_surveys:
-        raise ReaderError(f"file is a {reader.survey} file, not {survey}")
-    spectra = reader.read_hdul(hdul)
+        raise ReaderError(f"file is of survey {reader.survey}, not {survey}", survey=reader.spectra_survey, caller=True)
+    try:
+        spectra = reader.read_hdul(hdul)
+    except ReaderError as error:
+        raise ReaderError(str(error), survey=reader.spectra_survey) from error
     for spectrum in spectra:
         if not spectrum.object_id:
             spectrum.object_id = Path(path).name

@@ -2,7 +2,9 @@
 
 Layout (DR17 and SDSS-V): HDU1 flux, HDU2 error, HDU3 pixel bitmask, each (rows, 8575) — rows 0 and 1 are the
 two combined spectra (pixel-based and global weighting), rows 2… the rest-frame visits (NVISITS in the header).
-A single-row file (1-D images) holds only the combined spectrum.
+A single-row file (1-D images) holds only the combined spectrum. Row 0 is the star's spectrum (kind ``combined``, the
+one the reference and DR19 use); row 1 is kept as kind ``combined-alt`` (stored, never predicted nor released).
+Identity across reductions: the product ``apStar|OBJID|FIELD[|TELESCOP]`` (docs/store.md, "Lineage").
 """
 from __future__ import annotations
 
@@ -15,21 +17,27 @@ from catalogbuilder.constants import (
     APOGEE_NPIX,
     GRID_APOGEE,
     KIND_COMBINED,
+    KIND_COMBINED_ALT,
     KIND_VISIT,
     MJD_OFFSET,
 )
 from catalogbuilder.readers.base import (
+    TMASS_BANDS,
     FitsReader,
     ReaderError,
     Spectrum,
+    check_usable_errors,
     hdu_data,
     header_number,
     header_text,
+    product_key,
+    tmass_photometry,
 )
 
 SURVEY = "apogee"
 FORMAT = "apStar"
 COMBINED_WEIGHTING = ("pixel", "global")  # meaning of image rows 0 and 1
+COMBINED_KINDS = (KIND_COMBINED, KIND_COMBINED_ALT)  # kinds of image rows 0 and 1
 
 
 def _on_apstar_grid(header: fits.Header) -> bool:
@@ -56,15 +64,6 @@ def _as_rows(image: np.ndarray, what: str) -> np.ndarray:
     return image
 
 
-def _photometry(header: fits.Header) -> dict[str, float]:
-    """2MASS J/H/K and errors (mag) from the apStar primary header; NaN when missing."""
-    meta: dict[str, float] = {}
-    for band in ("J", "H", "K"):
-        meta[f"tmass_{band.lower()}"] = header_number(header, band, magnitude=True)
-        meta[f"e_tmass_{band.lower()}"] = header_number(header, f"{band}_ERR", magnitude=True)
-    return meta
-
-
 def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
     """Every image row of an open apStar file as a :class:`Spectrum` (see module docstring)."""
     header = hdul[0].header
@@ -77,6 +76,7 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
     raw_flux = hdu_data(hdul, 1)
     if not np.isfinite(raw_flux).any():
         raise ReaderError("flux is NaN or infinite everywhere")
+    check_usable_errors(raw_flux, hdu_data(hdul, 2))
 
     object_id = header_text(header, "OBJID", "APOGEE_ID", "OBJNAME")
     ra, dec = header_number(header, "RA"), header_number(header, "DEC")
@@ -90,16 +90,23 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
         "vhelio": header_number(header, "VHELIO"),
         "vscatter": header_number(header, "VSCATTER"),
         "starflag": header_number(header, "STARFLAG"),
-        **_photometry(header),
+        **tmass_photometry(header, {band: header_number(header, f"{band}_ERR") for band in TMASS_BANDS}),
     }
     if n_visit_rows and np.isfinite(n_visits_header) and n_visits_header != n_visit_rows:
         common["warning"] = f"NVISITS={n_visits_header:.0f} but the file has {n_visit_rows} visit rows"
 
+    identity = {
+        # DR17 apStar headers name no telescope (it is in the file's folder); SDSS-V ones do
+        "product_key": product_key(FORMAT, object_id, header_text(header, "FIELD"),
+                                   *filter(None, [header_text(header, "TELESCOP")])),
+        "reduction": header_text(header, "V_APRED", "APRED", "RELEASE"),
+        "reduction_date": header_text(header, "DATE"),
+    }
     spectra: list[Spectrum] = []
     for row in range(flux.shape[0]):
         meta = dict(common)
         if row < n_combined:
-            kind, visit = KIND_COMBINED, 0
+            kind, visit = COMBINED_KINDS[row], 0
             snr, mjd = header_number(header, "SNR"), float("nan")
             meta["combine_weighting"] = COMBINED_WEIGHTING[row]
         else:
@@ -131,6 +138,7 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
                 snr=snr,
                 mjd=mjd,
                 meta=meta,
+                **identity,
             )
         )
     return spectra
@@ -141,6 +149,8 @@ class ApStarReader(FitsReader):
 
     survey = SURVEY
     accepted_surveys = (SURVEY,)
+    spectra_survey = SURVEY
+    grid = GRID_APOGEE
     matches = staticmethod(matches)
     read_hdul = staticmethod(read_hdul)
 

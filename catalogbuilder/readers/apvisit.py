@@ -7,6 +7,7 @@ Rest frame: the wavelength image is in the frame of the telescope, so the shift 
 to the observer, ``VRAD`` (header; ``VREL`` in SDSS-V files and in the apVisit table), which equals
 ``VHELIO − BC``: λ_rest = λ_obs / (1 + v/c), the non-relativistic Doppler factor of the APOGEE pipeline.
 ``VHELIO`` alone would be wrong by the barycentric correction (up to ±30 km/s, i.e. 7 apStar pixels of 4.1 km/s).
+Identity across reductions: the visit ``apVisit|TELESCOP|PLATE|MJD|FIBERID`` (docs/store.md, "Lineage").
 """
 from __future__ import annotations
 
@@ -14,16 +15,20 @@ import numpy as np
 from astropy import constants as physical
 from astropy.io import fits
 
-from catalogbuilder.constants import GRID_APOGEE, KIND_VISIT, MJD_OFFSET, PIXMASK_NO_COVERAGE, apogee_wavelength
+from catalogbuilder.constants import GRID_APOGEE, GRID_SPECS, KIND_VISIT, MJD_OFFSET, apogee_wavelength
 from catalogbuilder.readers.base import (
+    TMASS_BANDS,
     FitsReader,
     ReaderError,
     Spectrum,
     check_measured,
+    check_usable_errors,
     hdu_data,
     header_number,
     header_text,
     interpolate_onto,
+    product_key,
+    tmass_photometry,
 )
 
 SURVEY = "apogee"
@@ -85,12 +90,13 @@ def resample_chips(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Linear interpolation of each chip (rows of the inputs) onto the ``target`` wavelengths it covers.
 
-    Target pixels covered by no chip (chip gaps, grid ends) get flux 0, error 0 and :data:`PIXMASK_NO_COVERAGE`,
-    the APOGEE convention for gaps. NaN/±inf flux and error become 0, as in apStar files read by the apStar reader.
+    Target pixels covered by no chip (chip gaps, grid ends) get flux 0, error 0 and the apStar grid's no-coverage
+    mask bit (APOGEE's convention for gaps is flux 0). NaN/±inf flux and error become 0, as in apStar files read by the apStar reader.
     """
     out_flux = np.zeros(target.size, np.float32)
     out_error = np.zeros(target.size, np.float32)
-    out_mask = np.full(target.size, PIXMASK_NO_COVERAGE, np.int64)
+    no_coverage = GRID_SPECS[GRID_APOGEE].no_coverage
+    out_mask = np.full(target.size, no_coverage, np.int64)
     for chip in range(wavelength.shape[0]):
         chip_flux = flux[chip]
         finite = ~np.isnan(chip_flux)
@@ -99,7 +105,7 @@ def resample_chips(
         low, high = wavelength[chip][finite].min(), wavelength[chip][finite].max()
         inside = (target >= low) & (target <= high)
         out_flux[inside], out_error[inside], out_mask[inside] = interpolate_onto(
-            wavelength[chip], chip_flux, error[chip], mask[chip], target[inside]
+            wavelength[chip], chip_flux, error[chip], mask[chip], target[inside], no_coverage
         )
     clean = {"nan": 0.0, "posinf": 0.0, "neginf": 0.0}
     return np.nan_to_num(out_flux, **clean), np.nan_to_num(out_error, **clean), out_mask
@@ -113,6 +119,7 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
         raise ReaderError(f"apVisit flux/error/mask/wavelength images have shapes {shapes}, expected (3, 4096)")
     flux, error, mask, observed_wavelength = arrays
     check_measured(flux)
+    check_usable_errors(flux, error)
     header = hdul[0].header
     row = _table_row(hdul)
     velocity, velocity_source = rest_frame_velocity(header, row)
@@ -135,10 +142,7 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
         "telescope": header_text(header, "TELESCOP"),
         "starflag": header_number(header, "STARFLAG"),
     }
-    for band in ("J", "H", "K"):
-        meta[f"tmass_{band.lower()}"] = header_number(header, band, magnitude=True)
-        band_error = _table_number(row, f"{band}_ERR")
-        meta[f"e_tmass_{band.lower()}"] = band_error if band_error > 0 else float("nan")
+    meta.update(tmass_photometry(header, {band: _table_number(row, f"{band}_ERR") for band in TMASS_BANDS}))
     object_id = header_text(header, "OBJID", "APOGEE_ID")
     if not object_id and row is not None and "APOGEE_ID" in row.array.columns.names:
         object_id = str(row["APOGEE_ID"]).strip()
@@ -159,6 +163,10 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
             snr=header_number(header, "SNR"),
             mjd=mjd,
             meta=meta,
+            product_key=product_key(FORMAT, header_text(header, "TELESCOP"), header_text(header, "PLATE"),
+                                    header_number(header, "MJD5", "MJD"), header_number(header, "FIBERID")),
+            reduction=header_text(header, "V_APRED", "APRED"),
+            reduction_date=header_text(header, "DATE"),
         )
     ]
 
@@ -169,6 +177,8 @@ class ApVisitReader(FitsReader):
 
     survey = "apogee-visit"
     accepted_surveys = ("apogee-visit", SURVEY)
+    spectra_survey = SURVEY
+    grid = GRID_APOGEE
     matches = staticmethod(matches)
     read_hdul = staticmethod(read_hdul)
 

@@ -13,13 +13,22 @@ from typing import Protocol
 import numpy as np
 from astropy.io import fits
 
-from catalogbuilder.constants import ERROR_CAP_FACTOR, PIXMASK_NO_COVERAGE
+from catalogbuilder.constants import ERROR_CAP_FACTOR, USABLE_ERROR_MAX_RATIO
+from catalogbuilder.tables import ValueKind, as_measured, missing_mask, unmeasured_magnitude
 
 READER_VERSION = "1"
 
 
 class ReaderError(Exception):
-    """A file that cannot be read as the requested format; the message is the reason recorded in the rejects."""
+    """A file that cannot be read as the requested format; the message is the reason recorded in the rejects.
+
+    ``survey``: the format the file was recognised as ("" when none); ``caller``: the reason is the caller's choice
+    (another survey was asked for), not the file, so the reject is retried when the file is given again."""
+
+    def __init__(self, reason: str, survey: str = "", caller: bool = False) -> None:
+        super().__init__(reason)
+        self.survey = survey
+        self.caller = caller
 
 
 @dataclasses.dataclass
@@ -47,6 +56,11 @@ class Spectrum:
     snr: float  # survey S/N of this spectrum (NaN if unknown)
     mjd: float  # MJD of the observation (NaN for combined spectra without one)
     meta: dict[str, float | str] = dataclasses.field(default_factory=dict)  # header photometry etc. (see docs/store.md)
+    # Identity across reductions (docs/store.md, "Lineage"): the observation or product this file is a reduction of
+    # ("" when the header does not say), the reduction's version and its creation date (ISO, header DATE; "" unknown).
+    product_key: str = ""
+    reduction: str = ""
+    reduction_date: str = ""
 
 
 class Reader(Protocol):
@@ -60,11 +74,14 @@ class Reader(Protocol):
 class FitsReader(abc.ABC):
     """Base of the survey readers: a FITS layout test and a reader of an open, fully loaded HDU list.
 
-    ``survey`` is the ``read_spectra`` survey value of the format; ``accepted_surveys`` every value that may ask for it.
+    ``survey`` is the ``read_spectra`` survey value of the format; ``accepted_surveys`` every value that may ask for it;
+    ``spectra_survey`` and ``grid`` say where its spectra belong (also for a file that is rejected).
     """
 
     survey: str = ""
     accepted_surveys: tuple[str, ...] = ()
+    spectra_survey: str = ""  # ``Spectrum.survey`` of what it reads (the release tables' survey)
+    grid: str = ""  # the model grid its spectra go on
 
     @abc.abstractmethod
     def matches(self, hdul: fits.HDUList) -> bool:
@@ -98,8 +115,6 @@ def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
 # --- helpers shared by the survey readers ---------------------------------------------------------------------
 
 _GZIP_MAGIC = b"\x1f\x8b"
-# Header values that mean "missing" in SDSS/LAMOST headers (e.g. -9999.99 photometry, 99 magnitudes).
-_MISSING_MAGNITUDE_LIMIT = 50.0
 
 
 def load_hdul(path: str | Path) -> fits.HDUList:
@@ -156,11 +171,11 @@ def find_table(hdul: fits.HDUList, name: str, required_columns: set[str]) -> fit
     return None
 
 
-def header_number(header: fits.Header, *keys: str, magnitude: bool = False) -> float:
+def header_number(header: fits.Header, *keys: str, kind: ValueKind | None = None) -> float:
     """First of ``keys`` present in ``header`` with a finite numeric value, as float; NaN if none.
 
-    With ``magnitude=True`` the SDSS/LAMOST placeholders for a missing magnitude (|value| >= 50, e.g. 99 or
-    -9999.99) also count as missing.
+    With a ``kind`` (photometry) the missing-value policy of :mod:`catalogbuilder.tables` decides instead: e.g. the
+    SDSS/LAMOST placeholders of a missing magnitude (99, -9999.99) or a non-positive error count as missing.
     """
     for key in keys:
         value = header.get(key)
@@ -170,10 +185,40 @@ def header_number(header: fits.Header, *keys: str, magnitude: bool = False) -> f
             number = float(value)
         except (TypeError, ValueError):
             continue
-        if not np.isfinite(number) or (magnitude and abs(number) >= _MISSING_MAGNITUDE_LIMIT):
+        if not np.isfinite(number) or (kind is not None and missing_mask(number, kind)):
             continue
         return number
     return float("nan")
+
+
+TMASS_BANDS: tuple[str, ...] = ("J", "H", "K")  # 2MASS header keywords of SDSS APOGEE files
+
+
+def tmass_photometry(header: fits.Header, errors: dict[str, float]) -> dict[str, float]:
+    """``tmass_j/h/k`` and ``e_tmass_j/h/k`` (mag): the header's ``J``, ``H``, ``K`` with ``errors[band]``, NaN where
+    the missing-value policy of :mod:`catalogbuilder.tables` says missing (placeholders, a non-positive error, and
+    a magnitude with an error above 1 mag together with its error)."""
+    meta: dict[str, float] = {}
+    for band in TMASS_BANDS:
+        magnitude = header_number(header, band, kind=ValueKind.MAGNITUDE)
+        error = float(as_measured(errors.get(band, float("nan")), ValueKind.ERROR))
+        if unmeasured_magnitude(error):
+            magnitude = error = float("nan")
+        meta[f"tmass_{band.lower()}"], meta[f"e_tmass_{band.lower()}"] = magnitude, error
+    return meta
+
+
+def product_key(kind: str, *parts: object) -> str:
+    """``kind|part|part…`` identity of a survey product, or "" when any part is missing (blank, NaN, non-positive)."""
+    texts = []
+    for part in parts:
+        if isinstance(part, float) and not (np.isfinite(part) and part > 0):
+            return ""
+        text = f"{part:.0f}" if isinstance(part, float) else str(part).strip()
+        if not text:
+            return ""
+        texts.append(text)
+    return "|".join([kind, *texts])
 
 
 def header_text(header: fits.Header, *keys: str) -> str:
@@ -210,19 +255,38 @@ def check_measured(flux: np.ndarray, inverse_variance: np.ndarray | None = None)
         raise ReaderError("inverse variance is zero everywhere (nothing measured)")
 
 
-def bracketing_mask(native_wavelength: np.ndarray, native_mask: np.ndarray, target: np.ndarray) -> np.ndarray:
+def usable_errors(flux: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """True where a pixel's 1σ error is usable: finite, > 0 and below ``USABLE_ERROR_MAX_RATIO`` × the median |flux| of
+    its row (rows along the last axis; APOGEE flags bad pixels with errors of 1e10 and more)."""
+    flux = np.asarray(flux, dtype=np.float64)
+    error = np.asarray(error, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        scale = np.nanmedian(np.where(np.isfinite(flux), np.abs(flux), np.nan), axis=-1, keepdims=True)
+        return np.isfinite(error) & (error > 0) & (error < USABLE_ERROR_MAX_RATIO * np.nan_to_num(scale))
+
+
+def check_usable_errors(flux: np.ndarray, error: np.ndarray) -> None:
+    """Reject a file none of whose pixels has a usable error (see :func:`usable_errors`): all 0, all ∞ or absurdly
+    large errors mean nothing was measured, as zero inverse variance everywhere does for BOSS and LAMOST."""
+    if not usable_errors(flux, error).any():
+        raise ReaderError("no pixel has a usable error (errors are 0, infinite or >= "
+                          f"{USABLE_ERROR_MAX_RATIO:g} x the median flux everywhere): nothing measured")
+
+
+def bracketing_mask(native_wavelength: np.ndarray, native_mask: np.ndarray, target: np.ndarray,
+                    no_coverage: int) -> np.ndarray:
     """int64 mask on ``target``: OR of the native pixels just below and just above each target wavelength
-    (the one pixel at the ends), with :data:`PIXMASK_NO_COVERAGE` outside [first, last] native wavelength."""
+    (the one pixel at the ends), with the grid's ``no_coverage`` bit outside [first, last] native wavelength."""
     native_mask = np.asarray(native_mask, dtype=np.int64)
     upper = np.searchsorted(native_wavelength, target, side="left").clip(0, native_wavelength.size - 1)
     lower = (np.searchsorted(native_wavelength, target, side="right") - 1).clip(0, native_wavelength.size - 1)
     mask = native_mask[lower] | native_mask[upper]
     outside = (target < native_wavelength[0]) | (target > native_wavelength[-1])
-    return np.where(outside, mask | PIXMASK_NO_COVERAGE, mask)
+    return np.where(outside, mask | no_coverage, mask)
 
 
 def interpolate_onto(
-    wavelength: np.ndarray, flux: np.ndarray, error: np.ndarray, mask: np.ndarray, target: np.ndarray
+    wavelength: np.ndarray, flux: np.ndarray, error: np.ndarray, mask: np.ndarray, target: np.ndarray, no_coverage: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Linear interpolation of one spectrum onto ``target`` wavelengths (Å) with the reference semantics.
 
@@ -240,5 +304,5 @@ def interpolate_onto(
     return (
         np.interp(target, wavelength, flux).astype(np.float32),
         np.interp(target, wavelength, error).astype(np.float32),
-        bracketing_mask(wavelength, mask, target),
+        bracketing_mask(wavelength, mask, target, no_coverage),
     )

@@ -2,6 +2,9 @@
 
 HDU1 ``COADD`` table: ``flux``, ``ivar``, ``loglam``, ``and_mask`` (column names matched case-insensitively).
 Metadata from the ``SPALL`` (BOSS/eBOSS/SDSS-V) or ``SPECOBJ`` (SDSS-I/II legacy) table in HDU2 when present.
+Object id (the star): ``CATALOGID`` (SDSS-V), else the photometric object id (``BESTOBJID``/``OBJID``), else
+plate-mjd-fiber. Identity across reductions: the observation ``spec|PLATE|MJD|FIBERID`` (SDSS-V: ``spec|FIELD|MJD|
+CATALOGID``), reduction ``RUN2D`` (docs/store.md, "Lineage").
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from catalogbuilder.readers.base import (
     hdu_data,
     header_number,
     header_text,
+    product_key,
     reverse_inverse_error,
 )
 
@@ -124,8 +128,12 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
     if not np.isfinite(fiber):
         fiber = header_number(header, "FIBERID")
     catalog_id = _value(row, "CATALOGID")
-    if catalog_id is not None and int(catalog_id) > 0:
-        object_id = str(int(catalog_id))
+    catalog_id = int(catalog_id) if catalog_id is not None and int(catalog_id) > 0 else None
+    photo_id = _photometric_object_id(row)
+    if catalog_id is not None:
+        object_id = str(catalog_id)
+    elif photo_id:
+        object_id = photo_id
     elif np.isfinite(plate) and np.isfinite(mjd) and np.isfinite(fiber):
         object_id = f"{plate:04.0f}-{mjd:05.0f}-{fiber:04.0f}"
     else:
@@ -166,8 +174,22 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
             snr=snr,
             mjd=mjd,
             meta=meta,
+            product_key=product_key(FORMAT, plate, mjd, float(catalog_id) if catalog_id is not None else fiber),
+            reduction=header_text(header, "RUN2D"),
+            reduction_date=header_text(header, "DATE"),
         )
     ]
+
+
+def _photometric_object_id(row: fits.FITS_rec | None) -> str:
+    """The SDSS photometric object id (``BESTOBJID``, else a 19-digit ``OBJID`` string) of a legacy spec file: the
+    same for every spectrum of a star, unlike plate-mjd-fiber; "" when absent."""
+    for name in ("BESTOBJID", "OBJID"):
+        value = _value(row, name)
+        text = value.strip() if isinstance(value, str) else ""
+        if text.isdigit() and int(text) > 0:
+            return text
+    return ""
 
 
 class BossReader(FitsReader):
@@ -175,6 +197,8 @@ class BossReader(FitsReader):
 
     survey = SURVEY
     accepted_surveys = (SURVEY,)
+    spectra_survey = SURVEY
+    grid = GRID_OPTICAL
     matches = staticmethod(matches)
     read_hdul = staticmethod(read_hdul)
 

@@ -7,6 +7,8 @@
   ``ANDMASK``, ``ORMASK``, ``NORMALIZATION`` (names matched case-insensitively, cells of shape (N,) or (1, N)).
 
 Medium-resolution (MRS, ``COADD_B``/``COADD_R``) files are a different product and are rejected.
+Identity across reductions: the observation ``lamost|OBSID`` (else LMJD, PLANID, SPID, FIBERID), reduction
+``DATA_V`` + ``VERSPIPE`` (docs/store.md, "Lineage").
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from catalogbuilder.readers.base import (
     hdu_data,
     header_number,
     header_text,
+    product_key,
     reverse_inverse_error,
 )
 
@@ -154,6 +157,10 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
         **{f"snr_{band}": value for band, value in snr.items()},
     }
     object_id = header_text(header, "DESIG", "OBSID", "OBJNAME")
+    obsid = header_text(header, "OBSID")
+    identity = (product_key("lamost", obsid) if obsid else
+                product_key("lamost", header_number(header, "LMJD", "MJD"), header_text(header, "PLANID"),
+                            header_number(header, "SPID"), header_number(header, "FIBERID")))
     return [
         Spectrum(
             survey=SURVEY,
@@ -171,6 +178,9 @@ def read_hdul(hdul: fits.HDUList) -> list[Spectrum]:
             snr=snr[SNR_BAND_USED],
             mjd=header_number(header, "MJD"),
             meta=meta,
+            product_key=identity,
+            reduction=" ".join(filter(None, (header_text(header, "DATA_V"), header_text(header, "VERSPIPE")))),
+            reduction_date=header_text(header, "DATE"),
         )
     ]
 
@@ -188,6 +198,8 @@ class LamostReader(FitsReader):
 
     survey = SURVEY
     accepted_surveys = (SURVEY,)
+    spectra_survey = SURVEY
+    grid = GRID_OPTICAL
     matches = staticmethod(matches)
     read_hdul = staticmethod(read_hdul)
 

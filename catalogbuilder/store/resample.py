@@ -4,7 +4,7 @@ Optical spectra (BOSS, LAMOST) are linearly interpolated onto the 3900-pixel gri
 semantics (conformance README step 3): NaN-flux pixels are dropped together with their wavelengths, ``np.interp``
 (float64 arithmetic on the float32 inputs, float32 result) with edge values held outside the native range. The
 error is interpolated the same way; the mask of a grid point is the OR of its two bracketing native pixels, plus
-:data:`~catalogbuilder.constants.PIXMASK_NO_COVERAGE` where the grid point lies outside the native range
+the grid's no-coverage bit (``GridSpec.no_coverage``) where the grid point lies outside the native range
 (the interpolation itself is :func:`catalogbuilder.readers.base.interpolate_onto`, shared with the apVisit reader).
 Spectra with ``wavelength is None`` (apStar rows) are already on their grid and pass through unchanged.
 """
@@ -12,27 +12,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from catalogbuilder.constants import grid_wavelength
+from catalogbuilder.constants import GRID_SPECS
 from catalogbuilder.readers.base import Spectrum, interpolate_onto
 
 
+def survey_mask(spectrum: Spectrum) -> np.ndarray:
+    """The spectrum's own pixel mask in its grid's mask dtype, keeping the survey bits the grid stores (bits above are
+    defined by none of the surveys and are cleared; the grid's top bit is reserved for no-coverage)."""
+    spec = GRID_SPECS[spectrum.grid]
+    return (np.asarray(spectrum.mask, dtype=np.int64) & spec.survey_bits).astype(spec.mask_dtype)
+
+
 def to_model_grid(spectrum: Spectrum) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """flux (float32), error (float32, 1σ) and mask (int64) of ``spectrum`` on ``grid_wavelength(spectrum.grid)``."""
-    target = grid_wavelength(spectrum.grid)
-    if spectrum.wavelength is None:
+    """flux (float32), error (float32, 1σ) and mask (the grid's mask dtype) of ``spectrum`` on its model grid."""
+    spec = GRID_SPECS[spectrum.grid]
+    target = spec.wavelength()
+    if spectrum.wavelength is None:  # already on the grid; resampled apVisits carry the grid's no-coverage bit
         if spectrum.flux.shape != target.shape:
             raise ValueError(
                 f"spectrum without wavelengths has {spectrum.flux.size} pixels, grid {spectrum.grid!r} has {target.size}"
             )
+        keep = spec.survey_bits | spec.no_coverage
         return (
             np.asarray(spectrum.flux, dtype=np.float32),
             np.asarray(spectrum.error, dtype=np.float32),
-            np.asarray(spectrum.mask, dtype=np.int64),
+            (np.asarray(spectrum.mask, dtype=np.int64) & keep).astype(spec.mask_dtype),
         )
-    return interpolate_onto(
+    flux, error, mask = interpolate_onto(
         np.asarray(spectrum.wavelength, dtype=np.float32),
         np.asarray(spectrum.flux, dtype=np.float32),
         np.asarray(spectrum.error, dtype=np.float32),
-        np.asarray(spectrum.mask, dtype=np.int64),
+        survey_mask(spectrum).astype(np.int64),
         target,
+        spec.no_coverage,
     )
+    return flux, error, mask.astype(spec.mask_dtype)
