@@ -139,12 +139,16 @@ def test_catalogs_are_tried_in_priority_order(shared_data: Path) -> None:
     assert not nowhere["gaia_matched"] and nowhere["n_bands"] == 0 and nowhere["missing_bands"] == ",".join(REQUIRED_BANDS)
 
 
-def test_bad_positions_and_bad_catalogs() -> None:
+def test_bad_positions_and_bad_catalogs(tmp_path: Path) -> None:
     spectra = pd.DataFrame({"spectrum_id": ["a", "b"], "ra": [np.nan, 297.210723], "dec": [1.0, 50.091099]})
     matches = crossmatch(spectra, [SHIPPED_CATALOG])
     assert list(matches["gaia_matched"]) == [False, True]
-    with pytest.raises(ValueError, match="cannot read catalog"):
+    with pytest.raises(ValueError, match="missing.fits does not exist"):
         crossmatch(spectra, [SHIPPED_CATALOG.with_name("missing.fits")])
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(SAMPLE_APOGEE.joinpath("apStar-dr17-2M19485057+5005279.fits").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="truncated.fits"):
+        crossmatch(spectra, [truncated])
     with pytest.raises(ValueError, match="no ra column"):
         normalise_catalog(pd.DataFrame({"x": [1.0], "dec": [2.0]}))
     with pytest.raises(ValueError, match="radius"):
@@ -220,12 +224,31 @@ def test_proper_motion_brings_gaia_2016_positions_to_j2000(shared_data: Path, tm
     truth = np.asarray(stars["source_id_gaiadr3"], np.int64)
     as_given = match_catalog(ra, dec, path)
     moved = match_catalog(ra, dec, path, epoch=2000.0)
-    assert as_given["source_id"].notna().sum() < 40 and moved["source_id"].notna().sum() >= 150
+    assert as_given["source_id"].notna().sum() < 40 and moved["source_id"].notna().sum() >= 159
     found = moved["source_id"].notna().to_numpy()
     assert np.array_equal(moved["source_id"][found].to_numpy(np.int64), truth[found])
+    # proper motions below -999 mas/yr are real (Groombridge 1830 = HD 103095: -5818 mas/yr in Dec), not sentinels:
+    # they are kept, and fast stars whose tabulated J2000 position agrees with the motion are found
+    fast = np.asarray(stars["pmdec"], float) <= -999
+    assert fast.sum() == 9 and read_catalog(path)["pmdec"].min() == pytest.approx(float(np.min(stars["pmdec"])))
+    assert moved["source_id"][fast].notna().sum() >= 2
     lsdb = pytest.importorskip("lsdb")
     lsdb.from_dataframe(read_catalog(path), ra_column="ra", dec_column="dec").write_catalog(tmp_path / "gbs")
     pd.testing.assert_frame_equal(match_catalog(ra, dec, tmp_path / "gbs", epoch=2000.0), moved, check_exact=False, atol=1e-9)
+
+
+def test_positions_outside_every_partition_of_a_hats_catalog_are_unmatched(tmp_path: Path) -> None:
+    """A HATS catalog covering one patch of sky (e.g. a survey footprint): spectra elsewhere lie in no partition of
+    it (lsdb refuses such a cross-match); they come back unmatched, next to a match inside the patch."""
+    lsdb = pytest.importorskip("lsdb")
+    rng = np.random.default_rng(3)
+    patch = pd.DataFrame({"source_id": np.arange(1, 2001), "ra": rng.uniform(10, 12, 2000),
+                          "dec": rng.uniform(-1, 1, 2000), "phot_g_mean_mag": rng.uniform(8, 18, 2000)})
+    lsdb.from_dataframe(patch, ra_column="ra", dec_column="dec").write_catalog(tmp_path / "patch")
+    far = match_catalog(np.array([200.0, 250.0]), np.array([40.0, -60.0]), tmp_path / "patch")
+    assert len(far) == 2 and far["source_id"].isna().all() and far["sep_arcsec"].isna().all()
+    both = match_catalog(np.array([200.0, patch["ra"][5]]), np.array([40.0, patch["dec"][5]]), tmp_path / "patch")
+    assert both["source_id"].isna().tolist() == [True, False] and int(both["source_id"][1]) == 6
 
 
 def test_hats_directory_without_lsdb_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import pytest
 from astropy.io import fits
 
 from catalogbuilder.calibrate.errors import calibrate_errors, calibration_relations
-from catalogbuilder.calibrate.flags import FlagThresholds, apply_flags, flag_bad, flag_warn, result_flags, spectrum_quality
+from catalogbuilder.calibrate.flags import FlagThresholds, apply_flags, flag_bad, flag_warn, result_flags
 from catalogbuilder.constants import ERROR_CALIBRATION, FLAG_BAD_MASK, FLAG_WARN_MASK, ResultFlag
 
 SAMPLE_APSTAR = Path(__file__).resolve().parents[1] / "catalogbuilder/data/sample/apogee/apStar-dr17-2M19485057+5005279.fits"
@@ -161,13 +161,16 @@ def test_dr19_error_calibration_keeps_raw_errors() -> None:
     assert calibration_relations()[:3] == [f"e_{k} = {s:g}*raw_e_{k} + {o:g}" for k, (s, o) in ERROR_CALIBRATION.items()]
 
 
-def test_spectrum_quality_of_a_real_apstar_with_an_all_zero_row() -> None:
+def test_input_quality_of_a_real_apstar_with_an_all_zero_row() -> None:
+    """The quality the ingest stores for the flags: row 0 mostly good, row 1 (all 0) and a row whose errors are
+    useless (APOGEE's 1e10 bad-pixel value everywhere) have no good pixel; an all-NaN row is a constant input."""
+    from catalogbuilder.store.quality import flux_constant, good_pixel_fraction
+
     flux = fits.getdata(SAMPLE_APSTAR, 1).astype(np.float64)  # row 0 combined spectrum, row 1 entirely 0
-    quality = spectrum_quality(flux)
-    assert 0.8 < quality.loc[0, "good_pixel_fraction"] < 1.0 and not quality.loc[0, "flux_constant"]
-    assert quality.loc[1, "good_pixel_fraction"] == 0.0 and quality.loc[1, "flux_constant"]
-    dask_array = pytest.importorskip("dask.array")
-    lazy = spectrum_quality(dask_array.from_array(flux, chunks=(1, -1)))
-    pd.testing.assert_frame_equal(lazy, quality)
-    nan_row = spectrum_quality(np.full((1, 10), np.nan))
-    assert nan_row.loc[0, "good_pixel_fraction"] == 0.0 and nan_row.loc[0, "flux_constant"]
+    error = fits.getdata(SAMPLE_APSTAR, 2).astype(np.float64)
+    good = good_pixel_fraction(flux, error)
+    assert 0.8 < good[0] < 1.0 and good[1] == 0.0
+    assert flux_constant(flux).tolist() == [False, True]
+    assert good_pixel_fraction(flux[:1], np.full_like(flux[:1], 1e10))[0] == 0.0
+    assert good_pixel_fraction(flux[:1], np.zeros_like(flux[:1]))[0] == 0.0
+    assert flux_constant(np.full((1, 10), np.nan))[0]

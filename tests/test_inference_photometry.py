@@ -17,18 +17,14 @@ from catalogbuilder.constants import ResultFlag
 from catalogbuilder.crossmatch.match import band_completeness, crossmatch
 from catalogbuilder.inference import graph
 from catalogbuilder.inference import photometry as phot
-from catalogbuilder.inference.graph import ChunkTask, run_inference
-from catalogbuilder.inference.results import (
-    STATUS_NO_RESULT,
-    STATUS_OK,
-    ResultsStore,
-    value_columns,
-)
+from catalogbuilder.calibrate.flags import FlagThresholds
+from catalogbuilder.inference.graph import ChunkTask
 from catalogbuilder.models.apogeenet import METADATA_KEYS, write_initialised_model
 from catalogbuilder.models.montecarlo import spectrum_seed
 from catalogbuilder.models.registry import load_model
-from catalogbuilder.release.tables import assemble_release, load_store_frames
-from catalogbuilder.store.spectra import SpectrumStore
+from catalogbuilder.release.assemble import model_rows
+from catalogbuilder.store import SpectrumStore
+from catalogbuilder.store.results import STATUS_NO_RESULT, STATUS_OK, value_columns
 
 DRAWS, SEED = 2, 5
 MAX_BATCH = DRAWS  # one spectrum per forward pass, in the graph and in the direct call: identical float arithmetic
@@ -37,6 +33,20 @@ TOLERANCE = 1e-6  # the brief: bit-identical or within 1e-6 (absolute, in the co
 STAR_WITH_BP_RP = "2M19485057+5005279"  # the test gives this star BP/RP (the astroNN table has none)
 # Test-made BP/RP (mag) for STAR_WITH_BP_RP: plausible for its G = 12.61 and 2MASS colours; not a catalogue value.
 GIVEN_BP, GIVEN_RP = 13.15, 11.92
+
+
+N_PREDICTED = 5  # the two apStar files hold 7 spectra; apStar rows 1 are stored but never predicted
+
+
+def run_inference(client: Client, store_path: Path, model: Path, **options: object) -> graph.InferenceReport:
+    """The stage function on the store at ``store_path``."""
+    return graph.run_inference(client, SpectrumStore.open(store_path), model, **options)
+
+
+def predicted_columns(store_path: Path) -> pd.DataFrame:
+    """Every store column of the store's predicted APOGEE spectra (apStar rows 1 are not), in store order."""
+    columns = SpectrumStore.open(store_path).columns("apogee")
+    return columns.loc[columns["kind"] != "combined-alt"]
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +82,9 @@ def crossmatch_table(ingested_store: Path, shared_data: Path, tmp_path_factory: 
 def completed_table(crossmatch_table: Path, ingested_store: Path) -> Path:
     """The cross-match with BP/RP given to the spectra of STAR_WITH_BP_RP (so they have every band)."""
     table = pd.read_parquet(crossmatch_table)
-    spectra, _, _ = load_store_frames(ingested_store)
+    spectra = predicted_columns(ingested_store)
     star = table["spectrum_id"].isin(spectra.loc[spectra["source_id"] == STAR_WITH_BP_RP, "spectrum_id"])
-    assert star.sum() == 2
+    assert star.sum() == 1
     table.loc[star, "phot_bp_mean_mag"] = GIVEN_BP
     table.loc[star, "phot_rp_mean_mag"] = GIVEN_RP
     table["n_bands"], table["missing_bands"] = band_completeness(table)
@@ -84,12 +94,12 @@ def completed_table(crossmatch_table: Path, ingested_store: Path) -> Path:
 
 
 def store_inputs(store_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
-    """(spectrum ids, flux, error, header 2MASS J/H/K) of the store's APOGEE spectra, in store order."""
-    dataset = SpectrumStore.open(store_path).dataset("apogee")
-    ids = graph.as_str_array(dataset["spectrum_id"].values)
-    header = pd.DataFrame({band: np.asarray(dataset[band].values, float) for band in ("tmass_j", "tmass_h", "tmass_k")},
-                          index=ids)
-    return ids, np.asarray(dataset["flux"].values, np.float32), np.asarray(dataset["error"].values, np.float32), header
+    """(spectrum ids, flux, error, header 2MASS J/H/K) of the store's predicted APOGEE spectra, in store order."""
+    columns = predicted_columns(store_path)
+    ids = columns["spectrum_id"].astype(str).to_numpy()
+    header = pd.DataFrame({band: columns[band].to_numpy(float) for band in ("tmass_j", "tmass_h", "tmass_k")}, index=ids)
+    pixels = SpectrumStore.open(store_path).pixels("apogee", columns.index.to_numpy())
+    return ids, pixels["flux"].astype(np.float32), pixels["error"].astype(np.float32), header
 
 
 def direct_predict(store_path: Path, model_dir: Path, photometry: pd.DataFrame) -> pd.DataFrame:
@@ -112,14 +122,16 @@ def table_photometry(path: Path) -> pd.DataFrame:
 
 def model_results(store_path: Path, model_dir: Path) -> pd.DataFrame:
     """The release view of the model's results, indexed by spectrum id."""
-    return ResultsStore.for_store(store_path).read(model_dir.name).set_index("spectrum_id").sort_index()
+    return SpectrumStore.open(store_path).results.read(model_dir.name).set_index("spectrum_id").sort_index()
 
 
 def missing_photometry_bit(store_path: Path, matches: pd.DataFrame) -> pd.Series:
     """Per spectrum id: is MISSING_PHOTOMETRY set in the release tables built from the results and ``matches``."""
-    spectra, results, rejects = load_store_frames(store_path)
-    rows = pd.concat([table.rows for table in assemble_release(spectra, results, matches, rejects)])
-    assert len(rows) == len(spectra) == 7
+    spectra = predicted_columns(store_path)
+    results = SpectrumStore.open(store_path).results.read()
+    rows = model_rows(str(results["model_name"].iloc[0]), str(results["weights_sha256"].iloc[0]), spectra, results,
+                      matches, "2026-12-01T00:00:00+00:00", FlagThresholds())
+    assert len(rows) == len(spectra) == N_PREDICTED
     return pd.Series((rows["result_flags"].to_numpy() & int(ResultFlag.MISSING_PHOTOMETRY)) != 0,
                      index=rows["spectrum_id"].to_numpy()).sort_index()
 
@@ -129,9 +141,9 @@ def test_net2_on_the_crossmatch_equals_a_direct_predict_and_the_release_flags_it
 ) -> None:
     report = run_inference(client, store, net2, draws=DRAWS, seed=SEED, max_batch=MAX_BATCH, spectra_per_task=3,
                            progress=False, photometry=crossmatch_table)
-    assert (report.n_ok, report.n_no_result, report.failed_chunks) == (7, 0, [])
-    assert report.photometry == str(crossmatch_table.resolve()) and report.n_missing_photometry == 7
-    assert len({chunk.worker for chunk in report.chunks}) >= 1 and len(report.chunks) == 3
+    assert (report.n_ok, report.n_no_result, report.failed_chunks) == (N_PREDICTED, 0, [])
+    assert report.photometry == str(crossmatch_table.resolve()) and report.n_missing_photometry == N_PREDICTED
+    assert len({chunk.worker for chunk in report.chunks}) >= 1 and len(report.chunks) == 2
 
     rows = model_results(store, net2)
     ids, _, _, _ = store_inputs(store)
@@ -160,8 +172,8 @@ def test_changed_photometry_recomputes_exactly_the_spectra_it_changed(
     report = run_inference(client, store, net2, photometry=completed_table, **options)
     completed = pd.read_parquet(completed_table).set_index("spectrum_id")
     changed = completed.index[completed["missing_bands"] == ""]
-    assert len(changed) == 2
-    assert (report.n_photometry_changed, report.n_skipped, report.n_ok, report.n_missing_photometry) == (2, 5, 2, 0)
+    assert len(changed) == 1
+    assert (report.n_photometry_changed, report.n_skipped, report.n_ok, report.n_missing_photometry) == (1, 4, 1, 0)
 
     after = model_results(store, net2)
     expected = direct_predict(store, net2, table_photometry(completed_table))
@@ -177,17 +189,37 @@ def test_changed_photometry_recomputes_exactly_the_spectra_it_changed(
     assert set(flagged.index[~flagged]) == set(changed)  # flagged: exactly the rows without BP/RP
 
     again = run_inference(client, store, net2, photometry=completed_table, **options)
-    assert (again.n_photometry_changed, again.n_skipped, again.n_computed) == (0, 7, 0)
+    assert (again.n_photometry_changed, again.n_skipped, again.n_computed) == (0, N_PREDICTED, 0)
     without = run_inference(client, store, net2, **options)  # no table never overwrites what a table gave
-    assert (without.n_skipped, without.n_computed) == (7, 0)
+    assert (without.n_skipped, without.n_computed) == (N_PREDICTED, 0)
     pd.testing.assert_frame_equal(model_results(store, net2), after)
+
+
+def test_a_parallax_net2_imputes_but_the_policy_keeps_is_flagged_in_the_release(
+    client: Client, store: Path, net2: Path, completed_table: Path, tmp_path: Path
+) -> None:
+    """The star with every band gets a parallax of −5 mas: a measurement for the cross-match (no missing band), but
+    APOGEE Net II's reference preprocessing replaces parallaxes ≤ −1 mas; the results column reaches the release
+    rows, which flag MISSING_PHOTOMETRY for it (and for the others, which lack BP/RP)."""
+    table = pd.read_parquet(completed_table)
+    complete = table["missing_bands"] == ""
+    table.loc[complete, "parallax"] = -5.0
+    table["n_bands"], table["missing_bands"] = band_completeness(table)
+    assert complete.sum() == 1 and (table.loc[complete, "missing_bands"] == "").all()
+    path = tmp_path / "negative-parallax.parquet"
+    table.to_parquet(path, index=False)
+    run_inference(client, store, net2, draws=DRAWS, seed=SEED, max_batch=MAX_BATCH, progress=False, photometry=path)
+    rows = model_results(store, net2)
+    star = table.loc[complete, "spectrum_id"]
+    assert (rows.loc[star, "input_parallax"] == -5.0).all() and (rows["missing_photometry"] == 1.0).all()
+    assert missing_photometry_bit(store, table).all()
 
 
 def test_without_a_table_net2_runs_on_header_2mass_and_every_row_is_marked(
     client: Client, store: Path, net2: Path, crossmatch_table: Path
 ) -> None:
     report = run_inference(client, store, net2, draws=DRAWS, seed=SEED, max_batch=MAX_BATCH, progress=False)
-    assert report.photometry == phot.HEADER_FALLBACK and (report.n_ok, report.n_missing_photometry) == (7, 7)
+    assert report.photometry == phot.HEADER_FALLBACK and (report.n_ok, report.n_missing_photometry) == (N_PREDICTED,) * 2
     rows = model_results(store, net2)
     header = store_inputs(store)[3]
     expected = direct_predict(store, net2, header)
@@ -197,18 +229,18 @@ def test_without_a_table_net2_runs_on_header_2mass_and_every_row_is_marked(
     np.testing.assert_array_equal(rows[["input_tmass_j", "input_tmass_h", "input_tmass_k"]], header.loc[rows.index])
     gaia = ["input_parallax", "input_phot_g_mean_mag", "input_phot_bp_mean_mag", "input_phot_rp_mean_mag"]
     assert rows[gaia].isna().all().all()
-    spectra, _, _ = load_store_frames(store)
+    spectra = predicted_columns(store)
     assert missing_photometry_bit(store, crossmatch(spectra, [])).all()  # a release without a catalog flags them too
 
     later = run_inference(client, store, net2, draws=DRAWS, seed=SEED, max_batch=MAX_BATCH, progress=False,
                           photometry=crossmatch_table)  # the cross-match arrives: every spectrum gains Gaia values
-    assert (later.n_photometry_changed, later.n_ok) == (7, 7)
+    assert (later.n_photometry_changed, later.n_ok) == (N_PREDICTED,) * 2
 
 
 def test_a_task_reads_its_own_rows_and_falls_back_to_the_header(store: Path, crossmatch_table: Path) -> None:
     ids, _, _, header = store_inputs(store)
-    subset = np.array([ids[1], ids[5], "apogee-not-in-the-table-0"])
-    header_rows = pd.concat([header.loc[ids[[1, 5]]], pd.DataFrame({"tmass_j": [9.5], "tmass_h": [np.nan],
+    subset = np.array([ids[1], ids[4], "apogee-not-in-the-table-0"])
+    header_rows = pd.concat([header.loc[ids[[1, 4]]], pd.DataFrame({"tmass_j": [9.5], "tmass_h": [np.nan],
                                                                     "tmass_k": [8.9]}, index=[subset[2]])])
     inputs = phot.gather_inputs(crossmatch_table, subset, header_rows.reset_index(drop=True), METADATA_KEYS)
     assert list(inputs.index) == list(subset) and list(inputs.columns) == list(METADATA_KEYS)
@@ -238,11 +270,11 @@ def test_bad_tables_are_refused_before_any_task(client: Client, store: Path, net
 
 def test_a_failed_task_part_has_the_photometry_columns(store: Path, net2: Path) -> None:
     model = load_model(net2)
-    task = ChunkTask(str(store), None, "apogee", 0, 2, (0, 1), str(net2), model.name, model.weights_sha256,
-                     model.outputs, "plugin", DRAWS, SEED, 32, tuple(METADATA_KEYS), None)
+    handle = SpectrumStore.open(store)
+    task = ChunkTask(handle.ref(), "apogee", (0, 2), str(net2), model.name, model.weights_sha256, model.outputs,
+                     "plugin", DRAWS, SEED, 32, tuple(METADATA_KEYS), None)
     report = graph.InferenceReport(model.name, model.weights_sha256, "apogee", None, n_spectra=2, n_skipped=0)
-    summary = graph._record_failed_task(ResultsStore.for_store(store), task, np.array(["a", "b"]),
-                                        RuntimeError("worker lost"), report)
+    summary = graph._record_failed_task(handle, task, RuntimeError("worker lost"), report)
     part = pd.read_parquet(summary.part)
     assert (part["status"] == STATUS_NO_RESULT).all()
     assert set(phot.result_columns(METADATA_KEYS)) <= set(part.columns)
@@ -254,4 +286,4 @@ def test_infer_command_with_photometry(client: Client, store: Path, net2: Path, 
             "--photometry", str(crossmatch_table), "--address", client.scheduler.address, "--no-progress"]
     assert catalogbuilder_main(argv) == 0
     out = capsys.readouterr().out
-    assert "7 ok" in out and f"photometry: {crossmatch_table.resolve()}" in out and "7 missing photometry" in out
+    assert "5 ok" in out and f"photometry: {crossmatch_table.resolve()}" in out and "5 missing photometry" in out

@@ -16,12 +16,11 @@ from catalogbuilder.models import load_model
 from catalogbuilder.models.photometric import (
     DIAMOND_WIDTHS, FeatureScaler, PhotometricModel, diamond_mlp, feature_names, photometric_features,
 )
-from catalogbuilder.models.registry import SHIPPED_MODELS_DIR
+from catalogbuilder.config import SHIPPED_MODELS_DIR
 from catalogbuilder.photometric.stage import OUTPUT_COLUMNS, predict_partition
-from catalogbuilder.photometric.table import (
-    PhotometricTableError, canonicalize, join_by_position, read_astronn_gaia, read_photometric_table,
-)
-from catalogbuilder.photometric.train import _smape, load_apokasc_training_set, split_of
+from catalogbuilder.photometric.table import join_by_position, read_astronn_gaia, read_photometric_table
+from catalogbuilder.photometric.train import load_apokasc_training_set, smape_on, split_of
+from catalogbuilder.tables import TableError
 
 torch.set_num_threads(1)
 DEMO = SHIPPED_MODELS_DIR / "sos-photometric-demo"
@@ -51,28 +50,25 @@ def test_diamond_has_18_hidden_dense_blocks_80_to_160_wide():
     assert [type(m).__name__ for m in block] == ["Linear", "LeakyReLU", "BatchNorm1d", "Dropout"]
 
 
-def test_smape_is_the_papers_formula():
-    prediction, truth = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 2.0])
+def test_smape_is_the_papers_formula_on_targets_mapped_to_one_two():
+    # z in [0, 1] maps to [1, 2]: predictions 1, 2 against labels 1.5, 2
+    prediction, truth = torch.tensor([[0.0], [1.0]]), torch.tensor([[0.5], [1.0]])
     expected = np.mean([2 * 0.5 / (2.5 + 1e-3), 0.0])
-    assert float(_smape(prediction, truth)) == pytest.approx(expected)
+    assert float(smape_on(0.0, 1.0)(prediction, truth, torch.ones(2))) == pytest.approx(expected)
 
 
-def test_canonical_names_aliases_and_sentinels():
-    raw = pd.DataFrame({"RA": [10.0, 11.0], "Dec": [5.0, 6.0], "j_m": [10.0, 99.99], "Ks_m": [9.0, -9999.0],
-                        "h_m": [9.2, 9.1], "h_msigcom": [0.02, 9.995], "SDSS G-mag": [12.0, np.nan], "Parallax": [1.0, 2.0],
-                        "other": ["a", "b"]})
-    frame = canonicalize(raw)
-    assert {"ra", "dec", "tmass_j", "tmass_k", "sdss_g", "parallax", "other", "object_id", "e_tmass_h"} <= set(frame.columns)
-    assert np.isnan(frame.loc[1, "tmass_j"]) and np.isnan(frame.loc[1, "tmass_k"])
-    assert frame.loc[0, "tmass_h"] == 9.2 and np.isnan(frame.loc[1, "tmass_h"])  # 9.995 error: 2MASS upper limit
-    assert list(frame["object_id"]) == ["row0", "row1"]
+def test_object_ids_come_from_the_table_its_gaia_ids_or_the_row(tmp_path):
+    pd.DataFrame({"RA": [10.0, 11.0], "Dec": [5.0, 6.0], "j_m": [10.0, 99.99]}).to_csv(tmp_path / "plain.csv", index=False)
+    assert list(read_photometric_table(tmp_path / "plain.csv")["object_id"]) == ["row0", "row1"]
+    pd.DataFrame({"source_id": [4583627001381815936], "Jmag": [10.0]}).to_parquet(tmp_path / "gaia.parquet")
+    assert list(read_photometric_table(tmp_path / "gaia.parquet")["object_id"]) == ["4583627001381815936"]
 
 
 def test_unreadable_or_unusable_tables_are_clear_errors(tmp_path):
-    with pytest.raises(PhotometricTableError, match="does not exist"):
+    with pytest.raises(TableError, match="does not exist"):
         read_photometric_table(tmp_path / "missing.csv")
     (tmp_path / "bad.csv").write_text("name,colour\nx,red\n")
-    with pytest.raises(PhotometricTableError, match="no magnitude or parallax"):
+    with pytest.raises(TableError, match="no magnitude or parallax"):
         read_photometric_table(tmp_path / "bad.csv")
 
 
@@ -151,6 +147,24 @@ def test_mc_errors_are_reproducible_and_zero_draws_give_nan(demo, apokasc_set):
     np.testing.assert_allclose(alone["teff"][0], first["teff"][3], rtol=1e-6)
     assert np.all(first["raw_e_teff"] > 0)
     assert np.all(np.isnan(demo.predict(None, None, draws=0, photometry=rows)["raw_e_logg"]))
+
+
+def test_mc_statistics_are_the_spectral_models(demo, apokasc_set):
+    """Median as torch.median (lower middle value for an even count), Bessel-corrected std, noiseless_* = the
+    prediction of the unperturbed inputs; the draws are those of each row's own seed."""
+    rows = apokasc_set.head(3).reset_index(drop=True)
+    seeds = [11, 12, 13]
+    result = demo.predict(None, None, draws=4, seeds=seeds, photometry=rows)
+    n_columns = len(demo.config.bands) + 1
+    normal = np.stack([np.random.default_rng(seed).standard_normal((4, n_columns)) for seed in seeds])
+    samples = np.stack([demo.predict_scaled(demo.network_inputs(demo._perturbed(rows, normal[:, draw])))["teff"]
+                        for draw in range(4)])
+    np.testing.assert_array_equal(result["teff"], np.sort(samples, axis=0)[1])
+    np.testing.assert_allclose(result["raw_e_teff"], np.std(samples, axis=0, ddof=1), rtol=1e-12)
+    noiseless = demo.predict(None, None, draws=0, photometry=rows)
+    np.testing.assert_array_equal(result["noiseless_teff"], noiseless["teff"])
+    np.testing.assert_array_equal(noiseless["noiseless_logg"], noiseless["logg"])
+    np.testing.assert_allclose(result["noiseless_logteff"], np.log10(noiseless["teff"]), rtol=1e-12)
 
 
 def test_rows_without_any_input_are_no_result_and_partial_rows_are_flagged():

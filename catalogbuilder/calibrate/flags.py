@@ -8,14 +8,19 @@ Rules (see docs/release.md for the reasoning behind each threshold):
 * Bits 3–5: the raw Monte-Carlo error is not finite or not positive (no draws, or a degenerate network output).
 * Bits 6–8: the recommended error is above ``e_teff_fraction``·teff, ``e_logg_max`` or ``e_fe_h_max`` (a raw error
   already flagged by bits 3–5 is not judged again; E_TEFF_LARGE needs teff > 0, otherwise bit 0 says it all).
-* Bit 9: no cross-match counterpart, or any band in ``required_bands`` missing (``missing_bands`` non-empty).
-* Bit 10: S/N below ``snr_min``, fewer than ``min_good_pixel_fraction`` of the grid pixels finite and positive, a
+* Bit 9: no cross-match counterpart, any band in ``required_bands`` missing (``missing_bands`` non-empty; missing by
+  the policy of :mod:`catalogbuilder.tables`), or the model imputed one of its photometric inputs
+  (``missing_photometry`` of the inference results, e.g. a parallax ≤ −1 mas that APOGEE Net II's reference
+  preprocessing replaces although the policy keeps it as a measurement).
+* Bit 10: S/N below ``snr_min``, fewer than ``min_good_pixel_fraction`` of the grid pixels with positive flux and a
+  usable error (``good_pixel_fraction``, computed at ingest by ``store/quality.py``), a
   constant flux (degenerate input), or a result outside the model's training domain (``outside_domain`` of the
   inference results, from the ``domain`` of the model's ``catalogbuilder.yaml``). Bits 9 and 10 are evaluated for every row, with or without a result.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,6 +32,7 @@ from catalogbuilder.constants import (
     FE_H_MAX_LOG_TEFF,
     FE_H_RANGE,
     FLAG_BAD_MASK,
+    FLAG_SPECS,
     FLAG_WARN_MASK,
     LOG_TEFF_RANGE,
     LOGG_RANGE,
@@ -36,23 +42,6 @@ from catalogbuilder.constants import (
 )
 
 RESULT_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h")
-FLAG_DESCRIPTIONS: dict[ResultFlag, str] = {
-    ResultFlag.TEFF_UNRELIABLE: "Teff outside 3.1 < log10(teff) < 4.7",
-    ResultFlag.LOGG_UNRELIABLE: "logg outside -1.5 < logg < 6",
-    ResultFlag.FE_H_UNRELIABLE: "[Fe/H] outside -2 < fe_h < 0.5, or log10(teff) > 3.82",
-    ResultFlag.E_TEFF_UNRELIABLE: "raw_e_teff not finite or <= 0",
-    ResultFlag.E_LOGG_UNRELIABLE: "raw_e_logg not finite or <= 0",
-    ResultFlag.E_FE_H_UNRELIABLE: "raw_e_fe_h not finite or <= 0",
-    ResultFlag.E_TEFF_LARGE: "e_teff > {e_teff_fraction:g} * teff",
-    ResultFlag.E_LOGG_LARGE: "e_logg > {e_logg_max:g} dex",
-    ResultFlag.E_FE_H_LARGE: "e_fe_h > {e_fe_h_max:g} dex",
-    ResultFlag.MISSING_PHOTOMETRY: "no Gaia counterpart or a missing band of {required}",
-    ResultFlag.RESULT_UNRELIABLE: "snr < {snr_min:g}, good-pixel fraction < {min_good_pixel_fraction:g}, constant flux, "
-                                  "or a prediction outside the model's training domain",
-    ResultFlag.NO_RESULT: "spectrum not read or not processed, or non-finite teff/logg/fe_h; values NaN",
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class FlagThresholds:
     """Thresholds of the data-dependent bits; the defaults are the released ones (justified in docs/release.md)."""
@@ -63,25 +52,19 @@ class FlagThresholds:
     snr_min: float = SNR_MIN  # RESULT_UNRELIABLE below this survey S/N (unknown S/N does not set it)
     min_good_pixel_fraction: float = MIN_GOOD_PIXEL_FRACTION  # RESULT_UNRELIABLE below this fraction of good pixels
 
-    def describe(self, required_bands: tuple[str, ...]) -> dict[ResultFlag, str]:
-        """Bit → description with these thresholds filled in (for FITS headers and summaries)."""
+    def describe(self, required_bands: Sequence[str]) -> dict[ResultFlag, str]:
+        """Bit → rule of :data:`~catalogbuilder.constants.FLAG_SPECS` with these thresholds filled in (FITS headers,
+        summaries, the README table)."""
         values = dataclasses.asdict(self) | {"required": ",".join(required_bands)}
-        return {bit: text.format(**values) for bit, text in FLAG_DESCRIPTIONS.items()}
+        return {spec.flag: spec.description(values) for spec in FLAG_SPECS}
 
 
-def spectrum_quality(flux: np.ndarray) -> pd.DataFrame:
-    """Per-spectrum input quality of a ``(spectrum, pixel)`` flux array on a model grid (numpy, or dask: computed
-    here): ``good_pixel_fraction`` (finite and positive pixels — the ones preprocessing does not floor to 1e-6) and
-    ``flux_constant`` (no variation among the finite pixels, or none finite)."""
-    import dask
-
-    finite = np.isfinite(flux)
-    good_fraction = (finite & (flux > 0)).mean(axis=1)
-    lowest = np.where(finite, flux, np.inf).min(axis=1)
-    highest = np.where(finite, flux, -np.inf).max(axis=1)
-    good_fraction, lowest, highest = dask.compute(good_fraction, lowest, highest)
-    return pd.DataFrame({"good_pixel_fraction": np.asarray(good_fraction, dtype=float),
-                         "flux_constant": ~(np.asarray(highest) > np.asarray(lowest))})
+def flag_table_markdown(required_bands: Sequence[str], thresholds: FlagThresholds = FlagThresholds()) -> str:
+    """The flag bits as a Markdown table (bit, name, group, rule with ``thresholds``), as the README shows it."""
+    rules = thresholds.describe(required_bands)
+    lines = ["| bit | name | group | set when |", "|---|---|---|---|"]
+    lines += [f"| {spec.bit} | {spec.name} | {spec.group} | {rules[spec.flag]} |" for spec in FLAG_SPECS]
+    return "\n".join(lines) + "\n"
 
 
 def _column(frame: pd.DataFrame, name: str, default: float | bool | str) -> pd.Series:
@@ -103,7 +86,7 @@ def no_result_mask(frame: pd.DataFrame) -> np.ndarray:
 
 def result_flags(frame: pd.DataFrame, thresholds: FlagThresholds = FlagThresholds()) -> np.ndarray:
     """``result_flags`` (int64 bit array) of calibrated rows (columns teff, logg, fe_h, raw_e_*, e_*, status, and
-    optionally snr, good_pixel_fraction, flux_constant, gaia_matched, missing_bands)."""
+    optionally snr, good_pixel_fraction, flux_constant, gaia_matched, missing_bands, missing_photometry)."""
     flags = np.zeros(len(frame), dtype=np.int64)
 
     def set_bit(bit: ResultFlag, where: np.ndarray) -> None:
@@ -134,7 +117,8 @@ def result_flags(frame: pd.DataFrame, thresholds: FlagThresholds = FlagThreshold
 
     matched = _column(frame, "gaia_matched", False).fillna(False).astype(bool).to_numpy()
     missing_bands = _column(frame, "missing_bands", "").fillna("").astype(str).to_numpy()
-    set_bit(ResultFlag.MISSING_PHOTOMETRY, ~matched | (missing_bands != ""))
+    model_imputed = _column(frame, "missing_photometry", 0.0).fillna(0.0).to_numpy(float) > 0
+    set_bit(ResultFlag.MISSING_PHOTOMETRY, ~matched | (missing_bands != "") | model_imputed)
 
     snr = _column(frame, "snr", np.nan).to_numpy(float)
     good_fraction = _column(frame, "good_pixel_fraction", np.nan).to_numpy(float)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dask
@@ -12,6 +13,7 @@ from catalogbuilder.cluster import add_cluster_arguments, cluster_requested, con
 from catalogbuilder.crossmatch.match import DEFAULT_RADIUS_ARCSEC
 
 if TYPE_CHECKING:
+    from catalogbuilder.crossmatch.cache import MatchConfig
     from catalogbuilder.crossmatch.match import CatalogColumns
 
 
@@ -24,12 +26,12 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radius", type=float, default=DEFAULT_RADIUS_ARCSEC, metavar="ARCSEC",
                         help=f"match radius in arcsec (default {DEFAULT_RADIUS_ARCSEC:g})")
     parser.add_argument("--column", action="append", default=[], metavar="OUTPUT=CATALOG",
-                        help="catalog column for an output column, e.g. phot_g_mean_mag=g (default: gaia_source names)")
+                        help="catalog column for an output column, e.g. phot_g_mean_mag=g (default: the alias map of docs/tables.md)")
     parser.add_argument("--epoch", type=float, default=None, metavar="YEAR",
                         help="Julian year of the spectrum positions (e.g. 2000 for 2MASS-based APOGEE positions): catalog "
                         "sources are first moved there by their proper motions (default: compare positions as given)")
     parser.add_argument("--margin-cache", metavar="DIR", help="HATS margin cache of the catalog (if not in its collection)")
-    add_cluster_arguments(parser)
+    add_cluster_arguments(parser, device="cpu")
 
 
 def catalog_columns(pairs: list[str]) -> CatalogColumns:
@@ -43,6 +45,14 @@ def catalog_columns(pairs: list[str]) -> CatalogColumns:
             raise ValueError(f"--column wants OUTPUT=CATALOG, got {pair!r}")
         mapping[output.strip()] = name.strip()
     return CatalogColumns.from_mapping(mapping)
+
+
+def match_config(args: argparse.Namespace) -> MatchConfig:
+    """The :class:`~catalogbuilder.crossmatch.cache.MatchConfig` of the options of :func:`add_catalog_arguments`."""
+    from catalogbuilder.crossmatch.cache import MatchConfig
+
+    return MatchConfig(tuple(str(Path(c).expanduser().resolve()) for c in args.catalog), args.radius,
+                       catalog_columns(args.column), args.margin_cache, args.epoch)
 
 
 def cluster_or_local(args: argparse.Namespace) -> contextlib.AbstractContextManager:
@@ -65,18 +75,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_crossmatch(args: argparse.Namespace) -> int:
-    """Cross-match and write; exit 2 on bad options or an unreadable catalog."""
-    from catalogbuilder.crossmatch.match import crossmatch
-    from catalogbuilder.release.tables import store_spectra
+    """Cross-match and write atomically; exit 2 on bad options, an unreadable catalog or no store there, 1 when the
+    table or the store's cross-match cache cannot be written (e.g. a full disk)."""
+    from catalogbuilder.crossmatch.cache import MatchCache, matches_of
+    from catalogbuilder.files import WriteError, atomic_write
+    from catalogbuilder.store import SpectrumStore, StoreError
+    from catalogbuilder.files import error_line
 
     try:
-        columns = catalog_columns(args.column)
-        spectra = store_spectra(args.store, input_quality=False)  # positions and header 2MASS only
+        store = SpectrumStore.open(args.store)
+        cache = MatchCache(store, match_config(args))
         with cluster_or_local(args):
-            matches = crossmatch(spectra, args.catalog, args.radius, columns, margin_cache=args.margin_cache, epoch=args.epoch)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"crossmatch: {error}", file=sys.stderr)
+            cache.update()
+        matches = matches_of(cache, store.grids())
+    except (ValueError, FileNotFoundError, StoreError) as error:
+        print(f"catalogbuilder crossmatch: {error}", file=sys.stderr)
         return 2
-    matches.to_parquet(args.out, index=False)
+    except OSError as error:  # the store's cross-match cache could not be written (e.g. a full disk)
+        print(f"catalogbuilder crossmatch: cannot write in the store {args.store}: {error_line(error)}; {args.out} is unchanged",
+              file=sys.stderr)
+        return 1
+    try:
+        with atomic_write(args.out) as temporary:  # a killed or failed write leaves the previous file as it was
+            matches.to_parquet(temporary, index=False)
+    except ValueError as error:
+        print(f"catalogbuilder crossmatch: {error}", file=sys.stderr)
+        return 2
+    except WriteError as error:
+        print(f"catalogbuilder crossmatch: {error}", file=sys.stderr)
+        return 1
     print(f"{int(matches['gaia_matched'].sum())} of {len(matches)} spectra matched within {args.radius:g}\" -> {args.out}")
     return 0

@@ -2,33 +2,39 @@
 
 Two engines give the same answer — the nearest catalog source within ``radius_arcsec`` of each spectrum:
 
-* ``astropy`` for catalogs that fit in memory (FITS, ECSV, VOTable, Parquet, CSV, NPZ read with astropy ``Table``):
-  :meth:`astropy.coordinates.SkyCoord.match_to_catalog_sky` (a KD-tree on unit vectors).
+* ``astropy`` for catalogs that fit in memory (any table :func:`catalogbuilder.tables.read_table` reads: FITS, ECSV,
+  VOTable, Parquet, CSV, NPZ): :class:`catalogbuilder.tables.SkyIndex`, astropy's KD-tree on unit vectors.
 * ``hats`` for Gaia-scale catalogs stored as HATS (HEALPix-partitioned Parquet): ``lsdb`` cross-matches partition by
   partition as a Dask graph, on the Dask client that is active (or the local scheduler).
 
 Positions are compared as given, or — with ``epoch`` — after moving the catalog sources by their proper motions from
 the catalog epoch (``ref_epoch``, Gaia DR3: 2016.0) to the epoch of the spectrum positions.
 2MASS magnitudes come from the spectrum headers (``tmass_*`` store coordinates) and, where those are missing, from the
-matched catalog row. Photometric completeness is recorded per spectrum in ``n_bands`` and ``missing_bands``.
+matched catalog row. Catalog columns are found through the one alias map and read with the one missing-value policy of
+:mod:`catalogbuilder.tables` (docs/tables.md). Photometric completeness is recorded per spectrum in ``n_bands`` and
+``missing_bands``.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from astropy.table import Table
+from catalogbuilder.constants import DEFAULT_RADIUS_ARCSEC
+from catalogbuilder.tables import (
+    SkyIndex,
+    ValueKind,
+    apply_missing_policy,
+    as_measured,
+    find_columns,
+    read_table,
+)
 
-DEFAULT_RADIUS_ARCSEC: float = 1.0
 GAIA_DR3_EPOCH: float = 2016.0  # Julian year of gaia_source positions, used where a catalog has no ref_epoch
 MOTION_COLUMNS: tuple[str, ...] = ("pmra", "pmdec", "ref_epoch")  # mas/yr (pmra = mu_alpha* cos dec), mas/yr, Julian yr
-SENTINEL_MAX: float = -999.0  # catalog values at or below this are missing-value sentinels (-9999, -9999.99)
 GAIA_COLUMNS: tuple[str, ...] = ("phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "parallax", "parallax_error")
 TMASS_COLUMNS: tuple[str, ...] = ("tmass_j", "tmass_h", "tmass_k", "e_tmass_j", "e_tmass_h", "e_tmass_k")
 # Bands whose absence sets MISSING_PHOTOMETRY: the photometric inputs of APOGEE Net II (SPEC §3).
@@ -39,32 +45,29 @@ MATCH_COLUMNS: tuple[str, ...] = (
 )
 
 
-# Other spellings found in public cross-match tables (e.g. the Gaia benchmark stars: source_id_gaiadr3).
-COLUMN_ALIASES: dict[str, tuple[str, ...]] = {"source_id": ("source_id_gaiadr3", "gaia_dr3_source_id", "gaia_source_id")}
-
-
 @dataclasses.dataclass(frozen=True)
 class CatalogColumns:
-    """Catalog column names (matched case-insensitively) for each output column; defaults are ``gaiadr3.gaia_source``
-    names plus the 2MASS names of the Gaia benchmark-star table. A name absent from the catalog gives NaN / no id."""
+    """The user's catalog column name for an output column, where the alias map of :mod:`catalogbuilder.tables`
+    (``gaiadr3.gaia_source`` names, 2MASS ``j_m``/``j_msigcom``…, VizieR spellings) does not find it; None: the
+    alias map alone. A given name is tried first, then the alias map; a column found nowhere gives NaN / no id."""
 
-    ra: str = "ra"  # deg
-    dec: str = "dec"  # deg
-    source_id: str = "source_id"
-    phot_g_mean_mag: str = "phot_g_mean_mag"
-    phot_bp_mean_mag: str = "phot_bp_mean_mag"
-    phot_rp_mean_mag: str = "phot_rp_mean_mag"
-    parallax: str = "parallax"  # mas
-    parallax_error: str = "parallax_error"  # mas
-    tmass_j: str = "j_m"
-    tmass_h: str = "h_m"
-    tmass_k: str = "ks_m"
-    e_tmass_j: str = "j_msigcom"
-    e_tmass_h: str = "h_msigcom"
-    e_tmass_k: str = "ks_msigcom"
-    pmra: str = "pmra"  # mas/yr, mu_alpha* = mu_alpha cos(dec)
-    pmdec: str = "pmdec"  # mas/yr
-    ref_epoch: str = "ref_epoch"  # Julian year of the catalog position
+    ra: str | None = None  # deg
+    dec: str | None = None  # deg
+    source_id: str | None = None
+    phot_g_mean_mag: str | None = None
+    phot_bp_mean_mag: str | None = None
+    phot_rp_mean_mag: str | None = None
+    parallax: str | None = None  # mas
+    parallax_error: str | None = None  # mas
+    tmass_j: str | None = None
+    tmass_h: str | None = None
+    tmass_k: str | None = None
+    e_tmass_j: str | None = None
+    e_tmass_h: str | None = None
+    e_tmass_k: str | None = None
+    pmra: str | None = None  # mas/yr, mu_alpha* = mu_alpha cos(dec)
+    pmdec: str | None = None  # mas/yr
+    ref_epoch: str | None = None  # Julian year of the catalog position
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, str]) -> CatalogColumns:
@@ -78,70 +81,37 @@ class CatalogColumns:
         """Output names of the values taken from the catalog (photometry, astrometry, proper motion, epoch)."""
         return list(GAIA_COLUMNS + TMASS_COLUMNS + MOTION_COLUMNS)
 
-
-def _resolve_field(names: Sequence[str], columns: CatalogColumns, field: str) -> str | None:
-    """The catalog column holding output ``field`` (configured name, a known alias, or the output name itself,
-    ignoring case), or None. Normalising an already normalised catalog therefore changes nothing."""
-    lowered = {name.lower(): name for name in names}
-    for candidate in (getattr(columns, field), *COLUMN_ALIASES.get(field, ()), field):
-        if candidate.lower() in lowered:
-            return lowered[candidate.lower()]
-    return None
+    def find(self, names: Sequence[str], fields: Sequence[str] | None = None) -> dict[str, str]:
+        """``{output column: catalog column}`` for ``fields`` (default: position, id and values) found in ``names``
+        (:func:`catalogbuilder.tables.find_columns` with these names as overrides). Normalising an already normalised
+        catalog therefore changes nothing."""
+        wanted = fields if fields is not None else ["ra", "dec", "source_id", *self.value_fields()]
+        return find_columns(names, dataclasses.asdict(self), wanted)
 
 
-def _as_float(values: np.ndarray | pd.Series) -> np.ndarray:
-    """Float64 values with masked entries and sentinels (≤ -999) replaced by NaN."""
-    array = np.ma.filled(np.ma.asarray(np.asarray(values, dtype=float) if isinstance(values, pd.Series) else values).astype(float), np.nan)
-    array[array <= SENTINEL_MAX] = np.nan
-    return array
-
-
-def _as_nullable_id(values: object) -> pd.api.extensions.ExtensionArray:
-    """Source ids as a nullable Int64 array (masked or null entries become <NA>)."""
-    if isinstance(values, pd.Series):
-        return values.astype("Int64").array
-    masked = np.ma.asarray(values)
-    return pd.arrays.IntegerArray(np.ma.filled(masked, 0).astype(np.int64), np.ma.getmaskarray(masked).copy())
-
-
-def normalise_catalog(table: Table | pd.DataFrame, columns: CatalogColumns = CatalogColumns()) -> pd.DataFrame:
+def normalise_catalog(table: pd.DataFrame, columns: CatalogColumns = CatalogColumns()) -> pd.DataFrame:
     """A catalog as a DataFrame with the output column names: ``ra``, ``dec`` (deg), ``source_id`` (nullable Int64)
-    and the :data:`GAIA_COLUMNS` / :data:`TMASS_COLUMNS` values (NaN where absent, masked or a sentinel)."""
-    names = list(table.columns if isinstance(table, pd.DataFrame) else table.colnames)
-    frame: dict[str, object] = {}
+    and the :data:`GAIA_COLUMNS` / :data:`TMASS_COLUMNS` / :data:`MOTION_COLUMNS` values, NaN where absent or
+    missing by the policy of :mod:`catalogbuilder.tables` (sentinels, 99.99 magnitudes, 2MASS 9.99x errors)."""
+    found = columns.find(list(table.columns))
     for field in ("ra", "dec"):
-        found = _resolve_field(names, columns, field)
-        if found is None:
-            raise ValueError(f"catalog has no {field} column {getattr(columns, field)!r}; columns: {names[:20]}")
-        frame[field] = _as_float(table[found])
-    found_id = _resolve_field(names, columns, "source_id")
-    if found_id is None:
-        frame["source_id"] = pd.array([pd.NA] * len(frame["ra"]), dtype="Int64")
-    else:
-        frame["source_id"] = _as_nullable_id(table[found_id])
+        if field not in found:
+            raise ValueError(f"catalog has no {field} column {getattr(columns, field) or field!r}; "
+                             f"columns: {list(table.columns)[:20]}")
+    frame = table[list(found.values())].set_axis(list(found), axis=1)
     for field in columns.value_fields():
-        found = _resolve_field(names, columns, field)
-        frame[field] = _as_float(table[found]) if found is not None else np.full(len(frame["ra"]), np.nan)
-    return pd.DataFrame(frame)
+        if field not in frame:
+            frame[field] = np.nan
+    frame = apply_missing_policy(frame)
+    frame["source_id"] = frame["source_id"].astype("Int64") if "source_id" in found else pd.array(
+        [pd.NA] * len(frame), dtype="Int64")
+    return frame[["ra", "dec", "source_id", *columns.value_fields()]].reset_index(drop=True)
 
 
 def read_catalog(path: str | Path, columns: CatalogColumns = CatalogColumns()) -> pd.DataFrame:
-    """Read a small catalog file (any astropy ``Table`` format: FITS, ECSV, VOTable, Parquet, CSV; or an ``.npz`` of
-    equal-length 1-d arrays) and :func:`normalise_catalog` it. Raises ``ValueError`` naming the file when unreadable."""
-    from astropy.table import Table
-
-    path = Path(path)
-    try:
-        if path.suffix == ".npz":
-            with np.load(path) as arrays:
-                table = Table({name: arrays[name] for name in arrays.files})
-        elif path.suffix == ".csv":
-            table = Table.read(path, format="ascii.csv")
-        else:
-            table = Table.read(path)
-    except (OSError, ValueError, TypeError) as error:
-        raise ValueError(f"cannot read catalog {path}: {error}") from error
-    return _with_positions(normalise_catalog(table, columns))
+    """Read a small catalog file (:func:`catalogbuilder.tables.read_table`: FITS, ECSV, VOTable, Parquet, CSV, NPZ)
+    and :func:`normalise_catalog` it. Raises ``ValueError`` (``TableError``) naming the file when unreadable."""
+    return _with_positions(normalise_catalog(read_table(path), columns))
 
 
 def _with_positions(catalog: pd.DataFrame) -> pd.DataFrame:
@@ -163,10 +133,11 @@ def propagate_positions(
     from astropy.time import Time
     from erfa import ErfaWarning
 
-    def values(name: str, default: float) -> np.ndarray:
-        return _as_float(catalog[name]) if name in catalog.columns else np.full(len(catalog), default)
+    def values(name: str, default: float, kind: ValueKind = ValueKind.VALUE) -> np.ndarray:
+        return as_measured(catalog[name], kind) if name in catalog.columns else np.full(len(catalog), default)
 
-    motion_ra, motion_dec = values(pmra, np.nan), values(pmdec, np.nan)
+    motion_ra = values(pmra, np.nan, ValueKind.PROPER_MOTION)
+    motion_dec = values(pmdec, np.nan, ValueKind.PROPER_MOTION)
     start = values(ref_epoch, catalog_epoch)
     start[~np.isfinite(start)] = catalog_epoch
     moving = np.isfinite(motion_ra) & np.isfinite(motion_dec) & (start != epoch)
@@ -174,7 +145,7 @@ def propagate_positions(
     if not moving.any():
         return moved
     coords = SkyCoord(
-        ra=_as_float(catalog[ra])[moving] * u.deg, dec=_as_float(catalog[dec])[moving] * u.deg,
+        ra=as_measured(catalog[ra])[moving] * u.deg, dec=as_measured(catalog[dec])[moving] * u.deg,
         pm_ra_cosdec=motion_ra[moving] * u.mas / u.yr, pm_dec=motion_dec[moving] * u.mas / u.yr,
         obstime=Time(start[moving], format="jyear"),
     )
@@ -193,25 +164,25 @@ def is_hats_catalog(path: str | Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in names)
 
 
-def nearest_astropy(ra: np.ndarray, dec: np.ndarray, catalog: pd.DataFrame, radius_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the nearest ``catalog`` row for each position (-1 when none within ``radius_arcsec``) and its
-    separation in arcsec (NaN when none)."""
-    from astropy import units as u
-    from astropy.coordinates import SkyCoord
+@dataclasses.dataclass
+class PreparedCatalog:
+    """A small catalog read and normalised once (:func:`normalise_catalog`), with its sky index: what
+    :func:`match_catalog` needs for many batches of positions without reading or indexing the catalog again."""
 
-    index = np.full(len(ra), -1, dtype=np.int64)
-    separation = np.full(len(ra), np.nan)
-    valid = np.isfinite(ra) & np.isfinite(dec)
-    if not valid.any() or catalog.empty:
-        return index, separation
-    targets = SkyCoord(ra[valid] * u.deg, dec[valid] * u.deg)
-    sources = SkyCoord(catalog["ra"].to_numpy() * u.deg, catalog["dec"].to_numpy() * u.deg)
-    nearest, sep2d, _ = targets.match_to_catalog_sky(sources)
-    sep = sep2d.to_value(u.arcsec)
-    within = sep <= radius_arcsec
-    index[np.flatnonzero(valid)[within]] = nearest[within]
-    separation[np.flatnonzero(valid)[within]] = sep[within]
-    return index, separation
+    name: str
+    table: pd.DataFrame
+    index: SkyIndex
+
+    @classmethod
+    def load(cls, catalog: str | Path | pd.DataFrame, columns: CatalogColumns = CatalogColumns(),
+             epoch: float | None = None) -> PreparedCatalog:
+        """Read (a file) or normalise (a DataFrame) and, with ``epoch``, move sources by their proper motions."""
+        if isinstance(catalog, pd.DataFrame):
+            table, name = normalise_catalog(catalog, columns), "table"
+        else:
+            table, name = read_catalog(catalog, columns), Path(catalog).name
+        table = _with_positions(table if epoch is None else propagate_positions(table, epoch))
+        return cls(name, table, SkyIndex(table["ra"].to_numpy(), table["dec"].to_numpy()))
 
 
 def match_hats(
@@ -228,19 +199,22 @@ def match_hats(
         raise ValueError(f"{hats_path} is a HATS catalog, which needs lsdb: pip install 'catalogbuilder[hats]'") from error
 
     names = list(lsdb.open_catalog(hats_path, margin_cache=margin_cache).columns)
-    fields = ["ra", "dec", "source_id", *columns.value_fields()]
-    selected = sorted({found for field in fields if (found := _resolve_field(names, columns, field)) is not None})
+    selected = sorted(set(columns.find(names).values()))
     right = lsdb.open_catalog(hats_path, columns=selected, margin_cache=margin_cache)
     if epoch is not None:  # partitions and their margins move their sources to the spectra's epoch
-        motion = {name: found for name in ("ra", "dec", *MOTION_COLUMNS) if (found := _resolve_field(names, columns, name))}
-        right = right.map_partitions(propagate_positions, epoch, **motion)
+        right = right.map_partitions(propagate_positions, epoch, **columns.find(names, ("ra", "dec", *MOTION_COLUMNS)))
     valid = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
     matched = pd.DataFrame({"position_spec": pd.Series(dtype=np.int64), "_dist_arcsec": pd.Series(dtype=float)})
     if len(valid):
-        left = lsdb.from_dataframe(pd.DataFrame({"position": valid, "ra": ra[valid], "dec": dec[valid]}), ra_column="ra", dec_column="dec")
-        matched = left.crossmatch(
-            right, n_neighbors=1, radius_arcsec=radius_arcsec, suffixes=("_spec", "_cat"), suffix_method="all_columns"
-        ).compute()
+        left = lsdb.from_dataframe(pd.DataFrame({"position": valid, "ra": ra[valid], "dec": dec[valid]}), ra_column="ra",
+                                   dec_column="dec", margin_threshold=None)  # the catalog's margin covers the borders
+        try:
+            matched = left.crossmatch(
+                right, n_neighbors=1, radius_arcsec=radius_arcsec, suffixes=("_spec", "_cat"), suffix_method="all_columns"
+            ).compute()
+        except RuntimeError as error:  # lsdb refuses positions in sky pixels where the catalog has no partition
+            if str(error) != "Catalogs do not overlap":
+                raise
     raw = pd.DataFrame({name: matched[f"{name}_cat"].to_numpy() if f"{name}_cat" in matched else np.array([], float)
                         for name in selected})
     table = normalise_catalog(raw, columns)
@@ -251,24 +225,39 @@ def match_hats(
 
 
 def match_catalog(
-    ra: np.ndarray, dec: np.ndarray, catalog: str | Path | pd.DataFrame, radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
-    columns: CatalogColumns = CatalogColumns(), margin_cache: str | Path | None = None, epoch: float | None = None,
+    ra: np.ndarray, dec: np.ndarray, catalog: str | Path | pd.DataFrame | PreparedCatalog,
+    radius_arcsec: float = DEFAULT_RADIUS_ARCSEC, columns: CatalogColumns = CatalogColumns(),
+    margin_cache: str | Path | None = None, epoch: float | None = None,
 ) -> pd.DataFrame:
-    """Nearest-source match of positions (deg) against one catalog: a normalised DataFrame, a small catalog file, or a
-    HATS directory (lsdb). With ``epoch`` (Julian year of the positions) catalog positions are first moved there by
-    their proper motions. One row per position, in order, with ``source_id``, ``sep_arcsec`` and the value columns."""
+    """Nearest-source match of positions (deg) against one catalog: a :class:`PreparedCatalog`, a normalised
+    DataFrame, a small catalog file, or a HATS directory (lsdb). With ``epoch`` (Julian year of the positions) catalog
+    positions are first moved there by their proper motions (a PreparedCatalog was moved when loaded). One row per
+    position, in order, with ``source_id``, ``sep_arcsec`` and the value columns."""
     ra = np.asarray(ra, dtype=float)
     dec = np.asarray(dec, dtype=float)
     if radius_arcsec <= 0 or not np.isfinite(radius_arcsec):
         raise ValueError(f"cross-match radius must be a positive number of arcsec, got {radius_arcsec}")
-    if not isinstance(catalog, pd.DataFrame) and is_hats_catalog(catalog):
+    if not isinstance(catalog, (pd.DataFrame, PreparedCatalog)) and is_hats_catalog(catalog):
         return match_hats(ra, dec, catalog, radius_arcsec, columns, margin_cache, epoch)
-    table = normalise_catalog(catalog, columns) if isinstance(catalog, pd.DataFrame) else read_catalog(catalog, columns)
-    table = _with_positions(table if epoch is None else propagate_positions(table, epoch))
-    index, separation = nearest_astropy(ra, dec, table, radius_arcsec)
-    matched = table.reindex(np.where(index >= 0, index, -1)).reset_index(drop=True)  # -1 is absent: an all-NaN row
+    prepared = catalog if isinstance(catalog, PreparedCatalog) else PreparedCatalog.load(catalog, columns, epoch)
+    index, separation = prepared.index.nearest(ra, dec, radius_arcsec)
+    matched = prepared.table.reindex(np.where(index >= 0, index, -1)).reset_index(drop=True)  # -1: an all-NaN row
     matched["sep_arcsec"] = separation
     return matched
+
+
+def prepare_catalogs(catalogs: Sequence[str | Path | pd.DataFrame], columns: CatalogColumns = CatalogColumns(),
+                     epoch: float | None = None) -> list[str | Path | PreparedCatalog]:
+    """Catalogs ready for many :func:`crossmatch` calls: small ones read and indexed once, HATS folders as given."""
+    return [catalog if not isinstance(catalog, pd.DataFrame) and is_hats_catalog(catalog)
+            else PreparedCatalog.load(catalog, columns, epoch) for catalog in catalogs]
+
+
+def catalog_name(catalog: str | Path | pd.DataFrame | PreparedCatalog) -> str:
+    """The name a cross-match row records for the catalog its counterpart came from."""
+    if isinstance(catalog, PreparedCatalog):
+        return catalog.name
+    return "table" if isinstance(catalog, pd.DataFrame) else Path(catalog).name
 
 
 def band_completeness(frame: pd.DataFrame, required: Sequence[str] = REQUIRED_BANDS) -> tuple[np.ndarray, np.ndarray]:
@@ -283,7 +272,7 @@ def band_completeness(frame: pd.DataFrame, required: Sequence[str] = REQUIRED_BA
 
 
 def crossmatch(
-    spectra: pd.DataFrame, catalogs: Sequence[str | Path | pd.DataFrame] = (), radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
+    spectra: pd.DataFrame, catalogs: Sequence[str | Path | pd.DataFrame | PreparedCatalog] = (), radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
     columns: CatalogColumns = CatalogColumns(), required_bands: Sequence[str] = REQUIRED_BANDS,
     margin_cache: str | Path | None = None, epoch: float | None = None,
 ) -> pd.DataFrame:
@@ -312,16 +301,16 @@ def crossmatch(
         output.loc[take, "gaia_matched"] = True
         output.loc[take, "gaia_source_id"] = found["source_id"].astype("Int64").to_numpy()
         output.loc[take, "gaia_sep_arcsec"] = found["sep_arcsec"].to_numpy(float)
-        output.loc[take, "xmatch_catalog"] = "table" if isinstance(catalog, pd.DataFrame) else Path(catalog).name
+        output.loc[take, "xmatch_catalog"] = catalog_name(catalog)
         for field in GAIA_COLUMNS + TMASS_COLUMNS:
             output.loc[take, field] = found[field].to_numpy(float)
+    header = apply_missing_policy(spectra[[name for name in TMASS_COLUMNS if name in spectra.columns]])
     for band in ("j", "h", "k"):  # a band's magnitude and error come from the same source
         magnitude, error = f"tmass_{band}", f"e_tmass_{band}"
-        if magnitude in spectra.columns:
-            header = _as_float(spectra[magnitude].to_numpy())
-            header_error = _as_float(spectra[error].to_numpy()) if error in spectra.columns else np.full(len(header), np.nan)
-            use_header = np.isfinite(header)
-            output[magnitude] = np.where(use_header, header, output[magnitude].to_numpy(float))
+        if magnitude in header.columns:
+            header_error = header[error].to_numpy(float) if error in header.columns else np.full(len(header), np.nan)
+            use_header = np.isfinite(header[magnitude].to_numpy(float))
+            output[magnitude] = np.where(use_header, header[magnitude].to_numpy(float), output[magnitude].to_numpy(float))
             output[error] = np.where(use_header, header_error, output[error].to_numpy(float))
     output["n_bands"], output["missing_bands"] = band_completeness(output, required_bands)
     return output[list(MATCH_COLUMNS)]

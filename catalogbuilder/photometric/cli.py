@@ -7,12 +7,10 @@ import logging
 import sys
 
 from catalogbuilder.cluster import add_cluster_arguments, cluster_requested, connect_from_args
+from catalogbuilder.config import DEFAULT_PHOTOMETRIC_MODEL, EXIT_CONFIG_ERROR, model_name
 from catalogbuilder.constants import DEFAULT_DRAWS
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "sos-photometric-demo"
-EXIT_BAD_INPUT = 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,12 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser(
         "photometric",
         help="Teff, log g, [Fe/H] for sources with photometry but no spectrum (Survey-of-Surveys MLP)",
-        description="Read a Parquet/FITS/CSV table (columns: docs/other_models.md), optionally join parallax and Gaia G "
+        description="Read a Parquet/FITS/CSV table (columns: docs/tables.md), optionally join parallax and Gaia G "
         "by position from --gaia, predict with a photometric model over Dask row partitions and write "
         "OUT/photometric/MODEL/allStar-MODEL-photometric.{fits.gz,parquet}, one row per input row.",
     )
     run.add_argument("--input", required=True, metavar="TABLE", help="input table (.parquet, .fits[.gz], .csv, .ecsv, .vot)")
-    run.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_DIR", help=f"model (default: {DEFAULT_MODEL})")
+    run.add_argument("--model", default=DEFAULT_PHOTOMETRIC_MODEL, metavar="NAME_OR_DIR",
+                     help=f"model (default: {DEFAULT_PHOTOMETRIC_MODEL})")
     run.add_argument("--out", required=True, metavar="DIR", help="release folder")
     run.add_argument("--gaia", metavar="TABLE", help="catalogue to fill missing parallax/parallax_error/G by position "
                      "(any table with ra, dec and Gaia columns, or the astroNN APOGEE x Gaia .npz)")
@@ -33,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help=f"Monte-Carlo draws (default {DEFAULT_DRAWS}; 0: none)")
     run.add_argument("--seed", type=int, default=0, help="run seed; a row's draws depend on it and its object_id only")
     run.add_argument("--partition-rows", type=int, default=50_000, help="rows per Dask partition (default 50000)")
-    add_cluster_arguments(run)
+    add_cluster_arguments(run, device="cpu")
     run.set_defaults(func=run_photometric_command)
 
     train = subparsers.add_parser(
@@ -45,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--apokasc", required=True, metavar="FITS", help="APOKASC_Catalog.v7.1.fits")
     train.add_argument("--gaia", required=True, metavar="NPZ", help="astroNN_gaiadr2_apogeedr14_parallax.npz")
     train.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
-    train.add_argument("--name", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+    train.add_argument("--name", default=DEFAULT_PHOTOMETRIC_MODEL, type=model_name,
+                       help=f"model name, one folder name (default {DEFAULT_PHOTOMETRIC_MODEL})")
     train.add_argument("--epochs-mae", type=int, default=None, help="epochs of the MAE phase")
     train.add_argument("--epochs-smape", type=int, default=None, help="epochs of the SMAPE phase")
     train.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -53,9 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_photometric_command(args: argparse.Namespace) -> int:
-    """Predict and write the release table; exit 2 on an unreadable input table or model."""
+    """Predict and publish the release table; exit 2 on an unreadable input table or model, 1 when the table cannot be
+    written (e.g. a full disk; the previous table stays)."""
     from catalogbuilder.photometric.stage import photometric_release
-    from catalogbuilder.photometric.table import PhotometricTableError
+    from catalogbuilder.release.writer import ReleaseWriteError
 
     options = dict(draws=args.draws, seed=args.seed, partition_rows=args.partition_rows, gaia=args.gaia,
                    radius_arcsec=args.radius)
@@ -65,9 +66,12 @@ def run_photometric_command(args: argparse.Namespace) -> int:
                 rows, fits_path, parquet_path = photometric_release(args.input, args.model, args.out, client=client, **options)
         else:
             rows, fits_path, parquet_path = photometric_release(args.input, args.model, args.out, **options)
-    except (PhotometricTableError, OSError, ValueError) as error:
+    except ReleaseWriteError as error:  # e.g. a full disk: the previous table is left as it was
         print(f"catalogbuilder photometric: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return 1
+    except (OSError, ValueError) as error:  # tables.TableError is a ValueError
+        print(f"catalogbuilder photometric: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     counts = rows["status"].value_counts().to_dict()
     print(json.dumps({"rows": len(rows), "status": counts, "flag_bad": int(rows["flag_bad"].sum()),
                       "flag_warn": int(rows["flag_warn"].sum()), "fits": str(fits_path), "parquet": str(parquet_path)}))

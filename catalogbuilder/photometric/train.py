@@ -6,8 +6,8 @@ where APOKASC gives them (giants) and the raw ``FIT_ASPCAP`` values otherwise (d
 ``STAR_BAD`` or without labels are left out. [M/H] stands in for [Fe/H]. The split is by star, deterministic on
 the SHA-1 of the 2MASS id: 10 % test, 10 % validation, 80 % training (as the paper).
 
-Per target (one network each): standardised target, Adam, mean absolute error for the first phase, then SMAPE for
-the second (the paper's schedule). SMAPE is computed on the target mapped affinely to [1, 2] over the training
+Per target (one network each): standardised target, AdamW, mean absolute error for the first phase, then SMAPE for
+the second (the paper's schedule), run by the one training loop :func:`catalogbuilder.training.train.fit`. SMAPE is computed on the target mapped affinely to [1, 2] over the training
 range, because it is undefined around zero and [Fe/H] crosses zero. Early stopping on the validation MAE.
 Augmentation: each training star appears ``augment_copies`` more times with every input column (each band, the
 parallax) independently blanked with probability ``band_dropout``, so the network learns to use partial photometry.
@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from catalogbuilder.models.photometric import (
     photometric_features,
 )
 from catalogbuilder.photometric.table import join_by_position, read_astronn_gaia, read_photometric_table
+from catalogbuilder.tables import as_measured
+from catalogbuilder.training.train import Batch, LossFunction, Phase, fit, masked_weighted, masked_weighted_mae
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,8 @@ def load_apokasc_training_set(apokasc_path: str | Path, gaia_path: str | Path, r
     frame = read_photometric_table(apokasc_path)
     frame = join_by_position(frame, read_astronn_gaia(gaia_path), [PARALLAX, PARALLAX_ERROR, "phot_g_mean_mag"], radius_arcsec)
     for target, (calibrated, fitted) in APOKASC_LABELS.items():
-        corr = pd.to_numeric(frame[calibrated], errors="coerce").where(lambda v: v > -999)
-        fit = pd.to_numeric(frame[fitted], errors="coerce").where(lambda v: v > -999)
+        corr = pd.Series(as_measured(frame[calibrated]), index=frame.index)
+        fit = pd.Series(as_measured(frame[fitted]), index=frame.index)
         frame[target] = corr.fillna(fit)
         frame[f"{target}_label_source"] = np.where(corr.notna(), "corr", np.where(fit.notna(), "fit", "none"))
     bad = frame["ASPCAPFLAGS"].astype(str).str.contains("STAR_BAD")
@@ -92,50 +95,57 @@ def _blank_inputs(frame: pd.DataFrame, bands: tuple[str, ...], probability: floa
     return out
 
 
-def _smape(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.mean(2.0 * (prediction - target).abs() / (prediction.abs() + target.abs() + SMAPE_EPSILON))
+class TableBatches:
+    """Mini-batches of one table split for :func:`~catalogbuilder.training.train.fit`: inputs (N, features) → one
+    z-scored target (N,), weight 1. With ``augment`` (training) a fresh shuffle from ``generator`` per epoch and
+    batches of ``batch_size``; otherwise the whole split as one batch."""
+
+    def __init__(self, inputs: np.ndarray, target: np.ndarray, batch_size: int,
+                 generator: torch.Generator | None = None) -> None:
+        self.inputs = torch.as_tensor(np.array(inputs, dtype=np.float32))
+        self.target = torch.as_tensor(np.array(target, dtype=np.float32))[:, None]
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def batches(self, epoch: int, augment: bool) -> Iterator[Batch]:
+        if not augment:
+            yield Batch((self.inputs,), self.target, torch.ones(len(self.target)))
+            return
+        order = torch.randperm(len(self.target), generator=self.generator)
+        for start in range(0, len(order) - 1, self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield Batch((self.inputs[index],), self.target[index], torch.ones(len(index)))
+
+
+def smape_on(low: float, high: float) -> LossFunction:
+    """SMAPE (the paper's, ε = :data:`SMAPE_EPSILON`) of z-scored targets mapped affinely from [low, high] (the training
+    range) to [1, 2]: SMAPE is undefined around zero, and [Fe/H] crosses zero."""
+
+    def to_positive(z: torch.Tensor) -> torch.Tensor:
+        return 1.0 + (z - low) / (high - low)
+
+    return masked_weighted(lambda prediction, target: 2.0 * (to_positive(prediction) - to_positive(target)).abs()
+                           / (to_positive(prediction).abs() + to_positive(target).abs() + SMAPE_EPSILON))
 
 
 def _fit_network(network: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                  settings: TrainingSettings, generator: torch.Generator) -> dict:
-    """Train one per-target network in place (z-scored targets); returns the training history summary."""
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.float32))
-    xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val.astype(np.float32))
-    low, high = float(y_train.min()), float(y_train.max())
-    to_positive = lambda z: 1.0 + (z - low) / (high - low)  # noqa: E731 - [low, high] → [1, 2] for SMAPE
-    phases = [("mae", settings.epochs_mae, lambda p, t: (p - t).abs().mean()),
-              ("smape", settings.epochs_smape, lambda p, t: _smape(to_positive(p), to_positive(t)))]
-    best_state, best_val, history = None, np.inf, []
-    for phase, epochs, loss_fn in phases:
-        optimiser = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate if phase == "mae" else settings.learning_rate / 4,
-                                      weight_decay=settings.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs))
-        stale = 0
-        for epoch in range(epochs):
-            network.train()
-            order = torch.randperm(len(xt), generator=generator)
-            for start in range(0, len(order) - 1, settings.batch_size):
-                batch = order[start:start + settings.batch_size]
-                if len(batch) < 2:  # BatchNorm needs two rows
-                    continue
-                optimiser.zero_grad()
-                loss = loss_fn(network(xt[batch])[:, 0], yt[batch])
-                loss.backward()
-                optimiser.step()
-            scheduler.step()
-            network.eval()
-            with torch.no_grad():
-                val_mae = float((network(xv)[:, 0] - yv).abs().mean())
-            history.append((phase, epoch, val_mae))
-            if val_mae < best_val - 1e-5:
-                best_val, stale = val_mae, 0
-                best_state = {key: value.detach().clone() for key, value in network.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= settings.patience:
-                    break
-    network.load_state_dict(best_state)
-    return {"best_val_mae_z": best_val, "epochs_run": len(history)}
+    """Train one per-target network in place (z-scored targets) with the paper's schedule — MAE, then SMAPE at a
+    quarter of the learning rate, AdamW with cosine annealing in each phase — through the one training loop
+    :func:`~catalogbuilder.training.train.fit`, early stopping on the validation MAE; returns the history summary."""
+
+    def adamw(parameters: Iterable[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
+
+    schedule = [
+        Phase(settings.epochs_mae, masked_weighted_mae, settings.learning_rate, adamw, cosine=True, name="mae"),
+        Phase(settings.epochs_smape, smape_on(float(y_train.min()), float(y_train.max())), settings.learning_rate / 4,
+              adamw, cosine=True, name="smape"),
+    ]
+    history = fit(network, TableBatches(x_train, y_train, settings.batch_size, generator),
+                  TableBatches(x_val, y_val, len(y_val)), patience=settings.patience, progress=False,
+                  schedule=schedule, validation_loss=masked_weighted_mae, min_improvement=1e-5)
+    return {"best_val_mae_z": history.best_val_loss, "epochs_run": len(history.val_loss) - 1}
 
 
 def scores(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:

@@ -1,4 +1,2 @@
-"""Release tables (allStar/allVisit FITS + Parquet) and the per-release summary."""
-from catalogbuilder.release.tables import ReleaseTable, assemble_release, build_release, write_table
-
-__all__ = ["ReleaseTable", "assemble_release", "build_release", "write_table"]
+"""Release stage: rows assembled per store partition (assemble.py), the build (build.py: partitioned, incremental,
+atomic), the column schema (schema.py), the one writer (writer.py) and the summary (summary.py)."""
