@@ -199,29 +199,29 @@ def test_net1_runs_through_the_dask_inference_stage_unchanged(model_dirs, shared
     from distributed import Client, LocalCluster
 
     from catalogbuilder.inference.graph import run_inference
-    from catalogbuilder.inference.results import ResultsStore
-    from catalogbuilder.store.spectra import SpectrumStore
+    from catalogbuilder.store import SpectrumStore
 
     root, digests = model_dirs
     store_path = tmp_path / "store"
-    SpectrumStore.open(store_path).ingest(sorted((shared_data / "apogee").glob("apStar-*.fits")), progress=False)
+    SpectrumStore.open(store_path, create=True).ingest(sorted((shared_data / "apogee").glob("apStar-*.fits")), progress=False)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         with Client(cluster) as client:
-            report = run_inference(client, store_path, root / "apogeenet1", draws=3, seed=1, progress=False)
-    assert report.n_spectra == 7  # 5 rows of the 3-visit star + 2 of the 1-visit star
-    rows = ResultsStore.for_store(store_path).read()
+            report = run_inference(client, SpectrumStore.open(store_path), root / "apogeenet1", draws=3, seed=1,
+                                   progress=False)
+    assert report.n_spectra == 5  # row 0 and 3 visits of the 3-visit star, row 0 of the 1-visit star (rows 1: never)
+    rows = SpectrumStore.open(store_path).results.read()
     rows = rows[rows["model_name"] == "apogeenet1"]
-    assert len(rows) == 7 and set(rows["weights_sha256"]) == {digests["apogeenet1"]}
-    ok = rows[rows["status"] == "ok"]
-    assert len(ok) >= 6  # the all-zero second row of the 1-visit star may be judged degenerate, never lost
-    assert np.all(np.isfinite(ok[["teff", "logg", "fe_h", "raw_e_teff"]].to_numpy()))
+    assert len(rows) == 5 and set(rows["weights_sha256"]) == {digests["apogeenet1"]}
+    assert (rows["status"] == "ok").all()
+    assert np.all(np.isfinite(rows[["teff", "logg", "fe_h", "raw_e_teff"]].to_numpy()))
 
-    from catalogbuilder.release.tables import build_release
+    from catalogbuilder.release.build import build_release, read_table
 
-    tables = build_release(store_path, tmp_path / "release")
-    (star,) = [t for t in tables if t.model_name == "apogeenet1" and t.level == "allStar"]  # 2 combined rows per apStar
-    assert len(star.rows) == 4 and (tmp_path / "release" / "apogee" / "apogeenet1" / "allStar-apogeenet1-apogee.fits.gz").exists()
-    assert set(star.rows["weights_sha256"]) == {digests["apogeenet1"]}
+    build_release(SpectrumStore.open(store_path), tmp_path / "release")
+    stem = "apogee/apogeenet1/allStar-apogeenet1-apogee"
+    star = read_table(tmp_path / "release", stem)
+    assert len(star) == 2 and (tmp_path / "release" / f"{stem}.fits.gz").exists()  # one row per star
+    assert set(star["weights_sha256"]) == {digests["apogeenet1"]}
 
 
 def test_net2_with_real_header_and_gaia_photometry(model_dirs, apstar_spectra, shared_data):

@@ -10,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from catalogbuilder import config
+from catalogbuilder.config import ConfigError
 from catalogbuilder.constants import GRID_APOGEE, GRID_OPTICAL, LABEL_STATS, grid_wavelength
 from catalogbuilder.models import preprocess, registry
 from catalogbuilder.models.bossnet import BossNet, BossNetConfig, BossNetModel
@@ -177,13 +179,13 @@ def test_registry_infers_grid_name_and_stats(tmp_path: Path) -> None:
 
 def test_shipped_names_and_unknown_families(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_model_dir(tmp_path / "shipped_small", BossNetConfig.from_dict(SMALL))
-    monkeypatch.setattr(registry, "SHIPPED_MODELS_DIR", tmp_path)
-    assert registry.shipped_models() == ["shipped_small"]
+    monkeypatch.setattr(config, "SHIPPED_MODELS_DIR", tmp_path)
+    assert config.shipped_models() == ["shipped_small"]
     assert load_model("shipped_small").info.directory == (tmp_path / "shipped_small").resolve()
     with pytest.raises(FileNotFoundError, match="no shipped model"):
         load_model("no_such_model")
     write_model_dir(tmp_path / "other", BossNetConfig.from_dict(SMALL), info={"family": "no_such_family"})
-    with pytest.raises(ValueError, match="unknown model family 'no_such_family'"):
+    with pytest.raises(ConfigError, match="other/catalogbuilder.yaml: family: got 'no_such_family'; allowed: one of"):
         load_model(tmp_path / "other")
 
 
@@ -205,3 +207,26 @@ def test_a_family_registers_itself(tmp_path: Path) -> None:
         register_family("bossnet")(build)
     write_model_dir(tmp_path / "b", BossNetConfig.from_dict(SMALL))
     assert isinstance(load_model(tmp_path / "b"), BossNetModel)
+
+
+def test_training_starts_from_a_network_blind_to_the_flux_level() -> None:
+    """The bossnet family's untrained network (registry ``build``) has zero-sum flux kernels in its first layer: away
+    from the array ends, adding a constant to the log-flux input (another flux level) or a plateau (a chip gap) changes
+    nothing, where a default-initialised BossNet answers with its whole output."""
+    family = registry.network_family("bossnet")
+    config = BossNetConfig.from_dict(SMALL)
+    torch.manual_seed(0)
+    untrained = family.build(config).eval()
+    torch.manual_seed(0)
+    default = BossNet(config).eval()
+    assert torch.allclose(untrained.first_conv.conv_layer.weight[:, 0].sum(dim=-1), torch.zeros(config.channels[0]),
+                          atol=1e-6)
+    assert torch.equal(untrained.first_conv.conv_layer.weight[:, 1], default.first_conv.conv_layer.weight[:, 1])
+    log_flux = torch.randn(3, 400) * 0.05 + 6.0
+    with torch.no_grad():
+        # the first convolution's output away from the zero-padded array ends
+        shifted = [net.first_conv.conv_layer(torch.cat([x.unsqueeze(1), net.pos_enc(x.unsqueeze(1))], dim=1))[..., 4:-4]
+                   for net in (untrained, default) for x in (log_flux, log_flux + 3.0)]
+    assert torch.allclose(shifted[0], shifted[1], atol=1e-4)
+    assert (shifted[2] - shifted[3]).abs().mean() > 0.1
+    assert family.with_arguments(config).targets == ("logg", "logTeff", "FeH")

@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from catalogbuilder.cluster import add_cluster_arguments
 from catalogbuilder.constants import DEFAULT_DRAWS
 
 log = logging.getLogger(__name__)
 
+EXIT_USAGE = 2  # a cluster or device configuration that cannot run (README: usage or configuration error)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``infer`` sub-command."""
-    from catalogbuilder.inference.graph import CPU_MAX_BATCH, DEFAULT_BATCH_SIZE, DEFAULT_RETRIES, DEVICES
+    from catalogbuilder.inference.device import CPU_DEFAULT_ROWS, GPU_DEFAULT_ROWS, PRECISIONS
+    from catalogbuilder.inference.graph import DEFAULT_BATCH_SIZE, DEFAULT_RETRIES, ROWS_TUNING_MIN_SPECTRA
+    from catalogbuilder.models.convolution import MODES as CONVOLUTION_MODES
 
     parser = subparsers.add_parser(
         "infer",
@@ -31,9 +36,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--spectra-per-task", type=int, default=None, help="spectra per Dask task (default: the store's chunks)"
     )
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where workers run the model")
     parser.add_argument(
-        "--max-batch", type=int, default=None, help=f"rows per forward pass (default: {CPU_MAX_BATCH} on CPU, 512 on GPU)"
+        "--max-batch", type=int, default=None,
+        help=f"rows per forward pass (default: measured by each worker when at least {ROWS_TUNING_MIN_SPECTRA} spectra "
+        f"per worker slot are pending, else whole spectra's draws within {CPU_DEFAULT_ROWS} rows on CPU, "
+        f"{GPU_DEFAULT_ROWS} on GPU)",
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="float32",
+        help="float32 (default, reproduces the reference), tf32 or bf16 (faster on GPUs, ~1e-3 relative; the GPU "
+        "benchmark prints the drift)",
+    )
+    parser.add_argument(
+        "--convolution", choices=CONVOLUTION_MODES, default="auto",
+        help="BossNet-family convolutions: auto (default: per layer the faster of torch's convolution and the FFT "
+        "form, measured by each worker), direct or fft (forced on every worker: bit-identical across workers)",
     )
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="extra attempts of a failed task")
     parser.add_argument(
@@ -48,26 +65,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``infer`` and print its summary; 0 when every task succeeded, 1 when some failed for good."""
+    """Run ``infer`` and print its summary; 0 when every task succeeded, 1 when some failed for good or results could
+    not be written (e.g. a full disk), 2 for a usage error (no store there, unknown model, refused weights, bad
+    option or photometry table, a cluster or device configuration that cannot run such as several worker processes on
+    one GPU), each with one line."""
     from catalogbuilder.cluster import connect_from_args
-    from catalogbuilder.inference.graph import run_inference
+    from catalogbuilder.inference.graph import ResultsWriteError, run_inference
+    from catalogbuilder.store import SpectrumStore, StoreError
 
-    args.gpu = {"auto": "auto", "cuda": True, "cpu": False}[args.device]  # local cluster: dask-cuda when it can help
-    with connect_from_args(args) as client:
-        report = run_inference(
-            client,
-            args.store,
-            args.model,
-            draws=args.draws,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            spectra_per_task=args.spectra_per_task,
-            device=args.device,
-            max_batch=args.max_batch,
-            retries=args.retries,
-            progress=not args.no_progress,
-            photometry=args.photometry,
-        )
+    try:
+        store = SpectrumStore.open(args.store)
+    except StoreError as error:
+        print(f"catalogbuilder infer: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with connect_from_args(args) as client:
+            report = run_inference(
+                client, store, args.model, draws=args.draws, seed=args.seed, batch_size=args.batch_size,
+                spectra_per_task=args.spectra_per_task, device=args.device, max_batch=args.max_batch,
+                retries=args.retries, progress=not args.no_progress, photometry=args.photometry,
+                precision=args.precision, convolution=args.convolution,
+            )
+    except ResultsWriteError as error:
+        print(f"catalogbuilder infer: {error}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as error:  # ConfigError, WeightsError, GpuPlacementError: ValueErrors
+        print(f"catalogbuilder infer: {error}", file=sys.stderr)
+        return EXIT_USAGE
     print(report.summary())
     for start, stop, reason in report.failed_chunks:
         print(f"  failed task spectra [{start}, {stop}): {reason}")

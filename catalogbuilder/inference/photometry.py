@@ -3,7 +3,8 @@
 A model that needs photometry names the per-spectrum keys it reads (``model.photometry_keys``; for APOGEE Net II
 parallax, G, BP, RP, J, H, K — the column names of the ``catalogbuilder crossmatch`` table). Each task reads the rows
 of its own spectrum ids from the photometry table (Parquet file or folder, columns ``spectrum_id`` + any of the keys);
-a value the table does not give (no row, no column, or NaN) falls back to the 2MASS J/H/K of the spectrum's own file
+a value the table does not give (no row, no column, NaN or a placeholder such as 99.99 or −9999, by the
+missing-value policy of :mod:`catalogbuilder.tables`) falls back to the 2MASS J/H/K of the spectrum's own file
 header kept in the store; what is still missing is left NaN and the model imputes it and marks the spectrum.
 
 Results rows of such a model carry the inputs they were computed from (``input_<key>``) and the model's
@@ -13,24 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from catalogbuilder.inference.results import STATUS_OK
-
-if TYPE_CHECKING:
-    import xarray as xr
+from catalogbuilder.store.ranged import HIDDEN_PREFIXES
+from catalogbuilder.store.results import STATUS_OK
+from catalogbuilder.tables import apply_missing_policy
 
 ID_COLUMN = "spectrum_id"
 INPUT_PREFIX = "input_"  # results column holding the value of a photometry key the model was given
 MISSING_PHOTOMETRY = "missing_photometry"  # results column: 1.0 when the model imputed any of its inputs
 HEADER_KEYS: tuple[str, ...] = ("tmass_j", "tmass_h", "tmass_k")  # store coordinates (file headers), in mag
 HEADER_FALLBACK = "store header 2MASS J/H/K only (no table)"  # what a run without a table uses, for reports
-HIDDEN_PREFIXES = [".", "_"]  # files Parquet datasets skip (temporary and metadata files)
 
 
 def input_columns(keys: Sequence[str]) -> list[str]:
@@ -72,7 +69,8 @@ def check_photometry_table(path: str | Path, keys: Sequence[str]) -> Path:
 
 def read_table_rows(path: str | Path, spectrum_ids: Sequence[str], keys: Sequence[str]) -> pd.DataFrame:
     """The rows of ``spectrum_ids`` (only those; the filter is pushed into the Parquet scan) as float64 columns
-    ``keys``, indexed like ``spectrum_ids``: NaN where the table has no such row, column or value."""
+    ``keys``, indexed like ``spectrum_ids``: NaN where the table has no such row, column or value, or a value the
+    missing-value policy of :mod:`catalogbuilder.tables` calls missing (99.99, −9999)."""
     dataset = _dataset(path)
     present = [key for key in keys if key in dataset.schema.names]
     wanted = pd.Index(np.asarray(spectrum_ids, dtype=str))
@@ -80,13 +78,12 @@ def read_table_rows(path: str | Path, spectrum_ids: Sequence[str], keys: Sequenc
     rows = table.to_pandas().astype({key: np.float64 for key in present}).set_index(ID_COLUMN)
     if rows.index.duplicated().any():
         raise ValueError(f"photometry table {path} lists spectrum {rows.index[rows.index.duplicated()][0]!r} twice")
-    return rows.reindex(index=wanted, columns=list(keys)).astype(np.float64)
+    return apply_missing_policy(rows.reindex(index=wanted, columns=list(keys)).astype(np.float64))
 
 
-def header_photometry(dataset: xr.Dataset, positions: np.ndarray | slice = slice(None)) -> pd.DataFrame:
-    """2MASS J/H/K (mag) of the spectra at ``positions`` of a store grid dataset, from their file headers."""
-    return pd.DataFrame({key: np.asarray(dataset[key].values, dtype=np.float64)[positions]
-                         for key in HEADER_KEYS if key in dataset.coords or key in dataset})
+def header_photometry(columns: pd.DataFrame) -> pd.DataFrame:
+    """2MASS J/H/K (mag) from the file headers, out of the store columns of some spectra (``HEADER_KEYS``)."""
+    return pd.DataFrame({key: columns[key].to_numpy(np.float64) for key in HEADER_KEYS if key in columns})
 
 
 def gather_inputs(path: str | Path | None, spectrum_ids: Sequence[str], header: pd.DataFrame,
@@ -104,16 +101,12 @@ def gather_inputs(path: str | Path | None, spectrum_ids: Sequence[str], header: 
     return inputs
 
 
-def changed_inputs(results_dir: Path, inputs: pd.DataFrame) -> set[str]:
-    """Spectrum ids of ``inputs`` whose newest ``ok`` row in the results folder was computed from other inputs
-    (NaN equals NaN); rows written without the input columns count as changed. Ids without an ok row are not listed."""
-    if not results_dir.is_dir() or not any(results_dir.glob("part-*.parquet")):
-        return set()
-    dataset = _dataset(results_dir)
-    recorded = [column for column in input_columns(inputs.columns) if column in dataset.schema.names]
-    rows = dataset.to_table(columns=[ID_COLUMN, "status", "created", *recorded],
-                            filter=pc.field("status") == STATUS_OK).to_pandas()
-    newest = rows.sort_values("created", kind="stable").drop_duplicates(ID_COLUMN, keep="last").set_index(ID_COLUMN)
+def changed_inputs(results: pd.DataFrame, inputs: pd.DataFrame) -> set[str]:
+    """Spectrum ids of ``inputs`` whose result row (``ResultsStore.rows``: one per spectrum, the newest ``ok`` one)
+    was computed from other inputs (NaN equals NaN); rows written without the input columns count as changed. Ids
+    without an ok row are not listed."""
+    recorded = [column for column in input_columns(inputs.columns) if column in results.columns]
+    newest = results.loc[results["status"] == STATUS_OK].set_index(ID_COLUMN)
     newest = newest.loc[newest.index.intersection(inputs.index)]
     if len(recorded) < len(inputs.columns):
         return set(newest.index)

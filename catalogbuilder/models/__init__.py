@@ -3,8 +3,8 @@ Monte-Carlo uncertainties and the registry ``load_model(name_or_dir)`` that othe
 from catalogbuilder.models.bossnet import BossNet, BossNetConfig, BossNetModel
 from catalogbuilder.models.montecarlo import cap_errors, canonical_outputs, monte_carlo_predict, spectrum_seed
 from catalogbuilder.models.preprocess import load_label_stats, log_scale_flux, unnormalize
-from catalogbuilder.models.registry import (ModelInfo, SpectralModel, load_model, register_family, registered_families,
-                                            shipped_models)
+from catalogbuilder.models.registry import (ModelInfo, ModelSummary, SpectralModel, describe_model, load_model,
+                                            register_family, registered_families)
 from catalogbuilder.models.weights import WeightsError, load_state_dict, save_state_dict
 
 __all__ = [
@@ -12,10 +12,12 @@ __all__ = [
     "BossNetConfig",
     "BossNetModel",
     "ModelInfo",
+    "ModelSummary",
     "SpectralModel",
     "WeightsError",
     "canonical_outputs",
     "cap_errors",
+    "describe_model",
     "load_label_stats",
     "load_model",
     "load_state_dict",
@@ -24,7 +26,6 @@ __all__ = [
     "register_family",
     "registered_families",
     "save_state_dict",
-    "shipped_models",
     "spectrum_seed",
     "unnormalize",
 ]

@@ -35,16 +35,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from catalogbuilder.constants import APOGEE_NPIX, APOGEENET2_PHOTOMETRY_STATS, DEFAULT_DRAWS, GRID_APOGEE
-from catalogbuilder.models.montecarlo import DEFAULT_MAX_BATCH, canonical_outputs, monte_carlo_predict
+from catalogbuilder.models.montecarlo import (DEFAULT_MAX_BATCH, NativeSpectra, canonical_outputs, monte_carlo_predict,
+                                             require_noise_source)
 from catalogbuilder.models.preprocess import load_label_stats, unnormalize
-from catalogbuilder.models.registry import MODEL_INFO_FILE, ModelInfo, SpectralModel, register_family
-from catalogbuilder.models.weights import load_state_dict, save_state_dict
+from catalogbuilder.models.registry import (MODEL_INFO_FILE, ModelInfo, ModelSummary, NetworkFamily, SpectralModel,
+                                            register_family)
+from catalogbuilder.models.weights import load_state_dict, save_state_dict, weights_sha256
 
 FAMILY_NET1 = "apogeenet1"
 FAMILY_NET2 = "apogeenet2"
 # Output columns of the networks (reference code), names as in constants.LABEL_STATS.
 NET1_LABELS: tuple[str, ...] = ("logg", "Teff", "FeH")
 NET2_LABELS: tuple[str, ...] = ("logg", "logTeff", "FeH")
+OUTPUTS: tuple[str, ...] = ("teff", "logg", "fe_h")  # canonical outputs of both networks
 
 # Net II metadata: canonical photometry keys (crossmatch output names) in network order, and the reference's
 # replacement values, means and standard deviations from constants.APOGEENET2_PHOTOMETRY_STATS.
@@ -158,7 +161,7 @@ class ApogeeNetModel(SpectralModel):
     def __init__(self, network: ApogeeNetCNN, info: ModelInfo, stats: dict[str, tuple[float, float]],
                  weights_sha256: str, device: torch.device, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.labels = NET2_LABELS if network.with_metadata else NET1_LABELS
-        super().__init__(info, GRID_APOGEE, weights_sha256, ("teff", "logg", "fe_h"), device)
+        super().__init__(info, GRID_APOGEE, weights_sha256, OUTPUTS, device)
         self.network = network.to(device).eval()
         self.stats = stats
         self.max_batch = max_batch
@@ -176,7 +179,7 @@ class ApogeeNetModel(SpectralModel):
                        metadata: torch.Tensor | None = None) -> torch.Tensor:
         """Forward one batch of raw flux rows (NaN → 0) → (rows, 3) labels in physical units; ``metadata`` holds the
         normalised metadata of every spectrum of the call, gathered per row with ``spectrum_index``."""
-        flux = torch.nan_to_num(flux.to(self.device), nan=0.0, posinf=0.0, neginf=0.0)
+        flux = raw_flux(flux.to(self.device))
         metadata = metadata[spectrum_index] if metadata is not None else None
         with torch.inference_mode():
             z_scores = self.network(flux.unsqueeze(1).contiguous(), metadata)
@@ -184,17 +187,15 @@ class ApogeeNetModel(SpectralModel):
 
     def predict(self, flux: np.ndarray | None, error: np.ndarray | None, draws: int = DEFAULT_DRAWS,
                 seeds: Sequence[int] | np.ndarray | None = None,
-                photometry: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                photometry: Mapping[str, np.ndarray] | None = None, native: NativeSpectra | None = None,
+                noise_on_grid: bool = False) -> dict[str, np.ndarray]:
         """See :meth:`SpectralModel.predict`. ``photometry``: per-spectrum arrays keyed by :data:`METADATA_KEYS`."""
         if flux is None:
             raise ValueError(f"{self.name}: APOGEE Net needs flux (spectra, {APOGEE_NPIX})")
         flux = np.nan_to_num(np.asarray(flux, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         if flux.ndim != 2 or flux.shape[1] != APOGEE_NPIX:
             raise ValueError(f"{self.name}: flux must be (spectra, {APOGEE_NPIX}) on the apogee grid; got {flux.shape}")
-        if error is None:
-            if draws > 0:
-                raise ValueError(f"{self.name}: Monte-Carlo draws need the flux errors")
-            error = np.zeros_like(flux)
+        require_noise_source(self.name, self.grid, draws, native, noise_on_grid)
         missing = np.zeros(len(flux), dtype=bool)
         metadata = None
         if self.network.with_metadata:
@@ -202,13 +203,14 @@ class ApogeeNetModel(SpectralModel):
             metadata = torch.from_numpy(normalised).to(self.device)
         if len(flux) == 0:
             empty = np.empty((0, len(self.labels)))
-            result = canonical_outputs(self.labels, empty, empty)
+            result = canonical_outputs(self.labels, empty, empty, empty)
         else:
             # the metadata travels with this call (no model state), so concurrent predict calls cannot mix it up
             predictor = functools.partial(self.predict_labels, metadata=metadata)
-            value, raw_error = monte_carlo_predict(flux, np.asarray(error, dtype=np.float32), predictor,
-                                                   draws, seeds, self.device, self.max_batch)
-            result = canonical_outputs(self.labels, value, raw_error)
+            value, raw_error, noiseless = monte_carlo_predict(
+                flux, error, predictor, draws, seeds, self.device, self.max_batch, native=native,
+                grid_wavelength=self.grid_spec.wavelength() if native is not None else None)
+            result = canonical_outputs(self.labels, value, raw_error, noiseless)
         if self.network.with_metadata:
             result["missing_photometry"] = missing
         return result
@@ -223,13 +225,32 @@ def _family_settings(family: str) -> tuple[bool, str]:
     raise ValueError(f"not an APOGEE Net family: {family!r} (expected {FAMILY_NET1!r} or {FAMILY_NET2!r})")
 
 
+def read_dropout(path: Path | None) -> float:
+    """The dropout of an APOGEE Net ``model_args.yaml`` (its only free argument; default :data:`DEFAULT_DROPOUT`)."""
+    if path is None or (path.is_dir() and not (path / "model_args.yaml").exists()):
+        return DEFAULT_DROPOUT
+    path = path / "model_args.yaml" if path.is_dir() else path
+    arguments = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(arguments, dict) or set(arguments) - {"dropout"}:
+        raise ValueError(f"{path}: the APOGEE Net architecture is fixed; its model_args may only set dropout, "
+                         f"got {arguments!r}")
+    return float(arguments.get("dropout", DEFAULT_DROPOUT))
+
+
+def write_dropout(dropout: float, directory: Path) -> None:
+    """Write ``model_args.yaml`` = ``{dropout: p}``."""
+    (Path(directory) / "model_args.yaml").write_text(yaml.safe_dump({"dropout": float(dropout)}))
+
+
 def build_network(family: str, directory: str | Path | None = None) -> ApogeeNetCNN:
     """An untrained network of ``family``; ``model_args.yaml`` in ``directory`` may set ``dropout``."""
     with_metadata, _ = _family_settings(family)
-    arguments: dict[str, Any] = {}
-    if directory is not None and (Path(directory) / "model_args.yaml").exists():
-        arguments = yaml.safe_load((Path(directory) / "model_args.yaml").read_text()) or {}
-    return ApogeeNetCNN(with_metadata, dropout=float(arguments.get("dropout", DEFAULT_DROPOUT)))
+    return ApogeeNetCNN(with_metadata, dropout=read_dropout(None if directory is None else Path(directory)))
+
+
+def raw_flux(flux: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """APOGEE Net I/II input: the raw flux (float32), NaN and ±inf → 0, nothing else (Olney 2020 §3.1)."""
+    return torch.nan_to_num(torch.as_tensor(flux, dtype=torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def load_apogeenet(info: ModelInfo, device: torch.device, **options: Any) -> ApogeeNetModel:
@@ -239,7 +260,7 @@ def load_apogeenet(info: ModelInfo, device: torch.device, **options: Any) -> Apo
     """
     with_metadata, stats_key = _family_settings(info.family)
     network = build_network(info.family, info.directory)
-    state_dict, weights_sha256 = load_state_dict(info.directory)
+    state_dict, checksum = load_state_dict(info.directory)
     expected = expected_parameter_shapes(with_metadata)
     found = {key: tuple(value.shape) for key, value in state_dict.items()}
     if found != expected:
@@ -250,11 +271,27 @@ def load_apogeenet(info: ModelInfo, device: torch.device, **options: Any) -> Apo
                          f"unexpected {unexpected[:5]}, wrong shape {[(k, found[k], expected[k]) for k in wrong[:5]]}")
     network.load_state_dict(state_dict, strict=True)
     stats = load_label_stats(info.directory, stats_key)
-    return ApogeeNetModel(network, info, stats, weights_sha256, device, **options)
+    return ApogeeNetModel(network, info, stats, checksum, device, **options)
 
 
-register_family(FAMILY_NET1)(load_apogeenet)
-register_family(FAMILY_NET2)(load_apogeenet)
+def describe_apogeenet(info: ModelInfo) -> ModelSummary:
+    """The :class:`ModelSummary` of an APOGEE Net I/II model directory (no weights loaded)."""
+    with_metadata, _ = _family_settings(info.family)
+    return ModelSummary(info.name, info.family, GRID_APOGEE, OUTPUTS, with_metadata,
+                        METADATA_KEYS if with_metadata else (), dict(info.domain), weights_sha256(info.directory),
+                        info.directory)
+
+
+NET1 = register_family(NetworkFamily(
+    FAMILY_NET1, load_apogeenet, describe_apogeenet, read_args=read_dropout,
+    build=lambda dropout: ApogeeNetCNN(False, dropout=dropout), targets=lambda _dropout: NET1_LABELS,
+    write_args=write_dropout, preprocess=raw_flux, grid=GRID_APOGEE,
+))
+NET2 = register_family(NetworkFamily(
+    FAMILY_NET2, load_apogeenet, describe_apogeenet, read_args=read_dropout,
+    build=lambda dropout: ApogeeNetCNN(True, dropout=dropout), targets=lambda _dropout: NET2_LABELS,
+    write_args=write_dropout, preprocess=raw_flux, metadata_width=len(METADATA_KEYS), grid=GRID_APOGEE,
+))
 
 
 def write_initialised_model(directory: str | Path, family: str, seed: int = 0, name: str | None = None) -> str:

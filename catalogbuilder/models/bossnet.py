@@ -19,12 +19,13 @@ import torch
 import yaml
 from torch import nn
 
-from catalogbuilder.constants import (BOSSNET_PARAMS_BOSS, DEFAULT_DRAWS, GRID_APOGEE, GRID_OPTICAL, GRIDS,
-                                      grid_wavelength)
-from catalogbuilder.models.montecarlo import DEFAULT_MAX_BATCH, LABEL_TO_OUTPUT, canonical_outputs, monte_carlo_predict
+from catalogbuilder.constants import BOSSNET_PARAMS_BOSS, DEFAULT_DRAWS, GRID_APOGEE, GRID_OPTICAL
+from catalogbuilder.models.convolution import Conv1d, set_convolution_mode
+from catalogbuilder.models.montecarlo import (DEFAULT_MAX_BATCH, LABEL_TO_OUTPUT, NativeSpectra, canonical_outputs,
+                                             monte_carlo_predict, require_noise_source)
 from catalogbuilder.models.preprocess import load_label_stats, log_scale_flux, unnormalize
-from catalogbuilder.models.registry import ModelInfo, SpectralModel, register_family
-from catalogbuilder.models.weights import load_state_dict
+from catalogbuilder.models.registry import ModelInfo, ModelSummary, NetworkFamily, SpectralModel, register_family
+from catalogbuilder.models.weights import load_state_dict, weights_sha256
 
 MODEL_ARGS_FILE = "model_args.yaml"
 
@@ -120,7 +121,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__()
-        self.conv_layer = nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.conv_layer = Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         self.bn = nn.BatchNorm1d(out_channels)
         self.pool = nn.MaxPool1d(kernel_size=2)
 
@@ -138,9 +139,9 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__()
         padding = kernel_size // 2
-        self.conv1 = nn.Conv1d(in_channels, out_channels, kernel_size, padding=padding, bias=False)
+        self.conv1 = Conv1d(in_channels, out_channels, kernel_size, padding=padding, bias=False)
         self.bn1 = nn.BatchNorm1d(out_channels)
-        self.conv2 = nn.Conv1d(out_channels, out_channels, kernel_size,
+        self.conv2 = Conv1d(out_channels, out_channels, kernel_size,
                                padding=padding - 1 if kernel_size % 2 == 0 else padding, bias=False)
         self.bn2 = nn.BatchNorm1d(out_channels)
         growth = out_channels - in_channels
@@ -221,80 +222,147 @@ class BossNetModel(SpectralModel):
     """A loaded BossNet (ANet v3 or BOSS Net) behind the :class:`SpectralModel` interface.
 
     Output columns of the network are the first ``num_targets`` of ``logg, logTeff, FeH, rv`` (SPEC §3).
+    ``convolution``: ``auto`` (default; per layer and input shape the faster of torch's convolution and the FFT
+    form, which agree to 1e-5 relative: :mod:`catalogbuilder.models.convolution`), ``direct`` or ``fft``.
     ``autocast_dtype`` (e.g. ``torch.bfloat16``), ``compile`` and ``allow_tf32`` trade exactness for speed and are off
     by default; conformance holds only with all three off. On a CUDA device the default sets the process-wide cuDNN
     convolution precision to IEEE float32 (PyTorch otherwise runs float32 convolutions in TF32 on Ampere and newer GPUs,
-    ~1e-3 relative error); ``allow_tf32=True`` leaves PyTorch's setting alone.
+    ~1e-3 relative error); ``allow_tf32=True`` lets cuDNN convolutions and cuBLAS matmuls (the FFT form's channel
+    products) of the whole process use TF32.
     """
 
     def __init__(self, network: BossNet, info: ModelInfo, grid: str, stats: dict[str, tuple[float, float]],
                  weights_sha256: str, device: torch.device, max_batch: int = DEFAULT_MAX_BATCH,
-                 autocast_dtype: torch.dtype | None = None, compile: bool = False, allow_tf32: bool = False) -> None:
+                 autocast_dtype: torch.dtype | None = None, compile: bool = False, allow_tf32: bool = False,
+                 convolution: str = "auto") -> None:
         self.labels: tuple[str, ...] = BOSSNET_PARAMS_BOSS[:network.config.num_targets]
-        outputs = ["teff" if LABEL_TO_OUTPUT[label] == "logteff" else LABEL_TO_OUTPUT[label] for label in self.labels]
-        super().__init__(info, grid, weights_sha256, sorted(outputs, key=("teff", "logg", "fe_h", "rv").index), device)
+        super().__init__(info, grid, weights_sha256, bossnet_outputs(network.config.num_targets), device)
         self.network = network.to(device).eval()
+        set_convolution_mode(self.network, convolution)
         self.stats = stats
         self.max_batch = max_batch
         self.autocast_dtype = autocast_dtype
         self._forward = torch.compile(self.network) if compile else self.network
-        if self.device.type == "cuda" and not allow_tf32:
-            _use_ieee_float32_convolutions()
-        self.n_pixels = len(grid_wavelength(grid))
+        if self.device.type == "cuda":
+            _set_cuda_tf32(allow_tf32)
+        self.n_pixels = self.grid_spec.pixels
 
     def predict_labels(self, flux: torch.Tensor, spectrum_index: torch.Tensor | None = None) -> torch.Tensor:
         """Preprocess + forward + de-normalise one batch of flux rows on the model grid → (rows, targets) labels."""
-        model_input = log_scale_flux(flux.to(self.device))
+        return self.forward_labels(log_scale_flux(flux.to(self.device)))
+
+    def forward_labels(self, model_input: torch.Tensor) -> torch.Tensor:
+        """Forward + de-normalise one batch of preprocessed rows (the network input) → (rows, targets) labels, in
+        this model's precision."""
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
-            z_scores = self._forward(model_input.contiguous())
+            z_scores = self._forward(model_input.to(self.device).contiguous())
         return unnormalize(z_scores.float(), self.labels, self.stats)
 
     def predict(self, flux: np.ndarray, error: np.ndarray | None, draws: int = DEFAULT_DRAWS,
                 seeds: Sequence[int] | np.ndarray | None = None,
-                photometry: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """See :meth:`SpectralModel.predict`; ``photometry`` is not used by this family, ``error`` only when draws > 0."""
+                photometry: dict[str, np.ndarray] | None = None, native: NativeSpectra | None = None,
+                noise_on_grid: bool = False) -> dict[str, np.ndarray]:
+        """See :meth:`SpectralModel.predict`; ``photometry`` is not used by this family.
+
+        Draws on the optical grid need ``native`` (noise on the native pixels, as the reference) unless
+        ``noise_on_grid=True`` asks for noise on the stored grid with ``error``; APOGEE-grid draws use ``error``."""
         flux = np.asarray(flux, dtype=np.float32)
         if flux.ndim != 2 or flux.shape[1] != self.n_pixels:
             raise ValueError(f"{self.name}: flux must be (spectra, {self.n_pixels}) on the {self.grid} grid; "
                              f"got {flux.shape}")
-        if error is None:
-            if draws > 0:
-                raise ValueError(f"{self.name}: Monte-Carlo draws need the flux errors")
-            error = np.zeros_like(flux)
+        require_noise_source(self.name, self.grid, draws, native, noise_on_grid)
         if len(flux) == 0:
             empty = np.empty((0, len(self.labels)))
-            return canonical_outputs(self.labels, empty, empty)
-        value, raw_error = monte_carlo_predict(flux, np.asarray(error, dtype=np.float32), self.predict_labels, draws,
-                                               seeds, self.device, self.max_batch)
-        return canonical_outputs(self.labels, value, raw_error)
+            return canonical_outputs(self.labels, empty, empty, empty)
+        value, raw_error, noiseless = monte_carlo_predict(
+            flux, error, self.predict_labels, draws, seeds, self.device, self.max_batch, native=native,
+            grid_wavelength=self.grid_spec.wavelength() if native is not None else None)
+        return canonical_outputs(self.labels, value, raw_error, noiseless)
 
 
-def _use_ieee_float32_convolutions() -> None:
-    """Make cuDNN compute float32 convolutions in full float32, not TF32 (the setter every PyTorch version has;
-    the newer ``cudnn.conv.fp32_precision`` API would break code that reads the legacy flag)."""
-    torch.backends.cudnn.allow_tf32 = False
+def _set_cuda_tf32(allowed: bool) -> None:
+    """Let (or forbid) cuDNN convolutions and cuBLAS matmuls of this process compute float32 in TF32 (the setters
+    every PyTorch version has; the newer ``fp32_precision`` API would break code that reads the legacy flags)."""
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
-@register_family("bossnet")
-def load_bossnet(info: ModelInfo, device: torch.device, **options: Any) -> BossNetModel:
-    """Build a :class:`BossNetModel` from a model directory (``model_args.yaml``, weights, optional ``stats.yaml``).
+def bossnet_outputs(num_targets: int) -> tuple[str, ...]:
+    """Canonical outputs of a BossNet with ``num_targets`` targets (teff from logTeff), in canonical order."""
+    labels = BOSSNET_PARAMS_BOSS[:num_targets]
+    outputs = ["teff" if LABEL_TO_OUTPUT[label] == "logteff" else LABEL_TO_OUTPUT[label] for label in labels]
+    return tuple(sorted(outputs, key=("teff", "logg", "fe_h", "rv").index))
 
-    Grid: ``info.grid`` if given, else optical when the model has 4 targets or its stats have ``rv``, else apogee.
-    Default stats (no ``stats.yaml``): ``constants.LABEL_STATS["boss"]`` for optical models, ``["apogee"]`` otherwise.
+
+def bossnet_layout(info: ModelInfo) -> tuple[BossNetConfig, str, dict[str, tuple[float, float]]]:
+    """(architecture, grid, label stats) of a BossNet model directory, from its small files only.
+
+    Grid: ``info.grid`` if given (an ingest grid, or the model's own with ``grid_wavelengths``), else optical when the
+    model has 4 targets or its stats have ``rv``, else apogee. Default stats (no ``stats.yaml``):
+    ``constants.LABEL_STATS["boss"]`` for models on the optical grid or one derived from it, ``["apogee"]`` otherwise.
     """
     config = BossNetConfig.from_yaml(info.directory)
     if config.num_targets > len(BOSSNET_PARAMS_BOSS):
         raise ValueError(f"{info.directory}: BossNet has at most {len(BOSSNET_PARAMS_BOSS)} targets "
                          f"{BOSSNET_PARAMS_BOSS}, model_args says {config.num_targets}")
-    optical_hint = info.grid == GRID_OPTICAL or (info.grid is None and config.num_targets == 4)
+    ingest_grid = info.grid_wavelengths.base if info.grid_wavelengths is not None else info.grid
+    optical_hint = ingest_grid == GRID_OPTICAL or (ingest_grid is None and config.num_targets == 4)
     stats = load_label_stats(info.directory, "boss" if optical_hint else "apogee")
     grid = info.grid or (GRID_OPTICAL if config.num_targets == 4 or "rv" in stats else GRID_APOGEE)
-    if grid not in GRIDS:
-        raise ValueError(f"{info.directory}: grid {grid!r} is not one of {GRIDS}")
+    return config, grid, stats
+
+
+def describe_bossnet(info: ModelInfo) -> ModelSummary:
+    """The :class:`ModelSummary` of a BossNet model directory (no weights loaded)."""
+    config, grid, _ = bossnet_layout(info)
+    return ModelSummary(info.name, info.family, grid, bossnet_outputs(config.num_targets), False, (), dict(info.domain),
+                        weights_sha256(info.directory), info.directory)
+
+
+def load_bossnet(info: ModelInfo, device: torch.device, **options: Any) -> BossNetModel:
+    """Build a :class:`BossNetModel` from a model directory (``model_args.yaml``, weights, optional ``stats.yaml``;
+    grid and stats as :func:`bossnet_layout` says); ``options`` go to :class:`BossNetModel`."""
+    config, grid, stats = bossnet_layout(info)
     with torch.device("meta"):
         network = BossNet(config)
-    state_dict, weights_sha256 = load_state_dict(info.directory)
+    state_dict, checksum = load_state_dict(info.directory)
     network.load_weights(state_dict, assign=True)
-    return BossNetModel(network, info, grid, stats, weights_sha256, device, **options)
+    return BossNetModel(network, info, grid, stats, checksum, device, **options)
+
+
+def bossnet_targets(config: BossNetConfig) -> tuple[str, ...]:
+    """Outputs of a BossNet of ``config``: 3 targets ``logg, logTeff, FeH`` (APOGEE Net III), 4 add ``rv`` (BOSS Net)."""
+    if config.num_targets not in (3, 4):
+        raise ValueError(f"BossNet-family models have 3 or 4 targets, got {config.num_targets}")
+    return BOSSNET_PARAMS_BOSS[:config.num_targets]
+
+
+def untrained_bossnet(config: BossNetConfig) -> BossNet:
+    """A fresh BossNet to train: PyTorch's default initialisation, then each first-layer kernel's flux taps shifted to
+    sum to zero (high-pass; the positional channel is left alone).
+
+    The input is log flux without normalisation, so a spectrum's flux level is an additive offset and an apStar chip
+    gap a plateau at log(1e-6), 20 units below the data. With random kernels both pass the first convolution at full
+    strength, dominate the first BatchNorm's statistics and bury the absorption lines: a small network then does not
+    start learning (docs/training.md). Zero-sum kernels answer to neither offsets nor plateaus at the start; training
+    may move them anywhere. Inference never uses this (weights are loaded)."""
+    network = BossNet(config)
+    with torch.no_grad():
+        flux_taps = network.first_conv.conv_layer.weight[:, 0]  # (out channels, kernel); channel 1 is the position
+        flux_taps -= flux_taps.mean(dim=-1, keepdim=True)
+    return network
+
+
+def read_bossnet_args(path: Path | None) -> BossNetConfig:
+    """The BossNet constructor arguments of a ``model_args.yaml``; the architecture has no defaults."""
+    if path is None:
+        raise ValueError("the bossnet family needs --config (model_args.yaml with the BossNet constructor arguments)")
+    return BossNetConfig.from_yaml(path)
+
+
+FAMILY = register_family(NetworkFamily(
+    "bossnet", load_bossnet, describe_bossnet, read_args=read_bossnet_args, build=untrained_bossnet, targets=bossnet_targets,
+    write_args=lambda config, directory: config.to_yaml(directory), preprocess=log_scale_flux,
+))

@@ -26,7 +26,10 @@ import torch
 import yaml
 from torch import nn
 
-from catalogbuilder.models.registry import ModelInfo, SpectralModel, register_family
+from catalogbuilder.constants import NOISELESS_PREFIX
+from catalogbuilder.models.montecarlo import NativeSpectra, draw_statistics
+from catalogbuilder.models.registry import ModelInfo, ModelSummary, NetworkFamily, SpectralModel, register_family
+from catalogbuilder.models.weights import WeightsError, files_sha256, load_state_dict
 
 FAMILY = "photometric"
 CONFIG_FILE = "catalogbuilder.yaml"
@@ -170,7 +173,9 @@ class PhotometricModel(SpectralModel):
     ``photometry`` is a DataFrame or a mapping of per-row arrays with the canonical column names
     (``photometric.table``). Uncertainties: ``draws`` Monte-Carlo realisations of the inputs, each magnitude and the
     parallax perturbed by its 1σ error column (``e_<band>``, ``parallax_error``) when present; value = median, raw
-    error = std over draws (NaN when ``draws == 0``). A row's draws depend only on its own seed.
+    error = std over draws as the spectral models compute them (``montecarlo.draw_statistics``: lower middle value for
+    an even count, Bessel-corrected; NaN when ``draws == 0``), ``noiseless_<target>`` the prediction of the unperturbed
+    inputs (the value itself when ``draws == 0``). A row's draws depend only on its own seed.
     """
 
     needs_photometry = True
@@ -223,9 +228,10 @@ class PhotometricModel(SpectralModel):
 
     def predict(self, flux: np.ndarray | None = None, error: np.ndarray | None = None, draws: int = 20,
                 seeds: Sequence[int] | np.ndarray | None = None,
-                photometry: pd.DataFrame | Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Per-row teff (K), logg, fe_h (dex) with ``raw_e_*``, plus ``logteff``/``raw_e_logteff``."""
-        if flux is not None or error is not None:
+                photometry: pd.DataFrame | Mapping[str, np.ndarray] | None = None,
+                native: NativeSpectra | None = None, noise_on_grid: bool = False) -> dict[str, np.ndarray]:
+        """Per-row teff (K), logg, fe_h (dex) with ``raw_e_*`` and ``noiseless_*``, plus the same for ``logteff``."""
+        if flux is not None or error is not None or native is not None:
             raise ValueError("the photometric model takes no spectrum: pass photometry=table only")
         if photometry is None:
             raise ValueError("the photometric model needs photometry (a table of magnitudes and parallax)")
@@ -234,8 +240,10 @@ class PhotometricModel(SpectralModel):
         seeds = list(range(n_rows)) if seeds is None else list(seeds)
         if len(seeds) != n_rows:
             raise ValueError(f"{len(seeds)} seeds for {n_rows} rows")
+        noiseless = self.predict_scaled(self.network_inputs(photometry))
+        result = {f"{NOISELESS_PREFIX}{target}": value for target, value in noiseless.items()}
         if draws <= 0:
-            result = self.predict_scaled(self.network_inputs(photometry))
+            result.update(noiseless)
             result.update({f"raw_e_{target}": np.full(n_rows, np.nan) for target in TARGETS})
         else:
             n_columns = len(self.config.bands) + 1
@@ -243,28 +251,48 @@ class PhotometricModel(SpectralModel):
                 if n_rows else np.zeros((0, draws, n_columns))  # (rows, draws, columns): a row's noise is its seed's
             samples = [self.predict_scaled(self.network_inputs(self._perturbed(photometry, normal[:, draw])))
                        for draw in range(draws)]
-            result = {}
             for target in TARGETS:
-                stacked = np.stack([sample[target] for sample in samples])
-                result[target] = np.median(stacked, axis=0)
-                result[f"raw_e_{target}"] = np.std(stacked, axis=0)
+                value, raw_error = draw_statistics(torch.from_numpy(np.stack([sample[target] for sample in samples])),
+                                                   dim=0)
+                result[target], result[f"raw_e_{target}"] = value.numpy(), raw_error.numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
             result["logteff"] = np.log10(result["teff"])
             result["raw_e_logteff"] = result["raw_e_teff"] / (result["teff"] * np.log(10.0))
+            result[f"{NOISELESS_PREFIX}logteff"] = np.log10(result[f"{NOISELESS_PREFIX}teff"])
         return result
 
 
-@register_family(FAMILY)
+def describe_photometric(info: ModelInfo) -> ModelSummary:
+    """The :class:`ModelSummary` of a photometric model directory (``catalogbuilder.yaml`` read, weights hashed
+    but not loaded); its photometry keys are the model's bands and the parallax."""
+    config = PhotometricConfig.from_yaml(yaml.safe_load(_model_file(info, CONFIG_FILE).read_text()))
+    return ModelSummary(info.name, info.family, None, TARGETS, True, (*config.bands, PARALLAX), dict(info.domain),
+                        files_sha256([_model_file(info, WEIGHTS_FILE)]), info.directory)
+
+
+def _model_file(info: ModelInfo, name: str) -> Path:
+    """A required file of a photometric model directory (``FileNotFoundError`` naming it when absent)."""
+    path = info.directory / name
+    if not path.is_file():
+        raise FileNotFoundError(f"photometric model directory {info.directory} lacks {name}")
+    return path
+
+
 def load_photometric(info: ModelInfo, device: torch.device, **options: object) -> PhotometricModel:
     """Registry builder: a :class:`PhotometricModel` from ``catalogbuilder.yaml`` + ``weights.pt`` in ``info.directory``."""
     if options:
         raise TypeError(f"the photometric family takes no options; got {sorted(options)}")
-    config_path, weights_path = info.directory / CONFIG_FILE, info.directory / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"photometric model directory {info.directory} lacks {path.name}")
+    config_path, weights_path = _model_file(info, CONFIG_FILE), _model_file(info, WEIGHTS_FILE)
     config = PhotometricConfig.from_yaml(yaml.safe_load(config_path.read_text()))
     networks = build_networks(config)
-    networks.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    state_dict, digest = load_state_dict(weights_path)  # weights_only: a pickled payload is refused (WeightsError)
+    try:
+        networks.load_state_dict(state_dict)
+    except RuntimeError as error:  # keys or shapes of another configuration
+        raise WeightsError(f"{weights_path}: weights do not match {config_path.name}: {' '.join(str(error).split())}"
+                           ) from error
     return PhotometricModel(config, networks, digest, device, info)
+
+
+# trained on tables by catalogbuilder.photometric.train, not from spectra
+register_family(NetworkFamily(FAMILY, load_photometric, describe_photometric))

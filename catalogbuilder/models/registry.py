@@ -4,14 +4,21 @@ A model directory holds ``model_args.yaml``, optional ``stats.yaml``, weights (`
 an optional ``catalogbuilder.yaml`` (``family``, ``grid``, ``name``, ``description``, ``domain`` and family-specific
 keys). Shipped names resolve to ``catalogbuilder/data/models/<name>/``.
 
-Families register themselves: a module ``catalogbuilder/models/<module>.py`` decorates its builder with
-``@register_family("<family>")``. ``load_model`` imports ``catalogbuilder.models.<family>`` (or, failing that, every
-module of the package) until the family is known, so adding a family never edits this file.
+Families register themselves: a module ``catalogbuilder/models/<module>.py`` calls ``register_family`` with one
+:class:`NetworkFamily` carrying both what inference needs (its loader and its weight-free ``describe``) and what
+training needs (targets, preprocessing, metadata width, grid, how to build and save the network). ``load_model``,
+``describe_model`` and training import ``catalogbuilder.models.<family>`` (or, failing that, every module of the
+package) until the family is known, so adding a family never edits this file, nor training.
+
+``describe_model(name_or_dir)`` is what a client needs to plan a run (name, grid, outputs, photometry inputs, domain,
+weights checksum) without loading any weights: the family's ``describe`` reads only its small configuration files and
+the checksum is a streamed SHA-256 of the weight files (cached per path, size and modification time).
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable, Sequence
@@ -20,75 +27,78 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import yaml
 
-from catalogbuilder.constants import DEFAULT_DRAWS
+from catalogbuilder.config import MODEL_INFO_FILE, ConfigError, ModelInfoSettings, problem, resolve_model_dir
+from catalogbuilder.constants import DEFAULT_DRAWS, GRID_SPECS, GridSpec
+from catalogbuilder.store.layout import derived_grid
+from catalogbuilder.models.montecarlo import NativeSpectra
 
-MODEL_INFO_FILE = "catalogbuilder.yaml"
-DEFAULT_FAMILY = "bossnet"
 _PACKAGE = "catalogbuilder.models"
-SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """What ``catalogbuilder.yaml`` says about a model directory (defaults when the file is absent).
+class ModelInfo(ModelInfoSettings):
+    """What ``catalogbuilder.yaml`` says about a model directory (defaults when the file is absent), validated by
+    :class:`~catalogbuilder.config.ModelInfoSettings`, plus the directory.
 
-    ``grid`` may be None here; the family builder then decides (BossNet: from its targets and stats).
-    ``extra`` holds family-specific keys.
+    ``grid`` may be None here; the family builder then decides (BossNet: from its targets and stats). A grid other
+    than the ingest grids comes with ``grid_wavelengths`` (:func:`model_grid_spec`).
+    ``domain`` maps an output to its (low, high) training range in the output's units; ``extra`` holds the
+    family-specific keys.
     """
 
     directory: Path
-    name: str
-    family: str = DEFAULT_FAMILY
-    grid: str | None = None
-    description: str = ""
-    domain: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # output -> (low, high), units of the output
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def read(cls, directory: str | Path) -> ModelInfo:
-        """Read ``<directory>/catalogbuilder.yaml`` if present; the name defaults to the directory's basename."""
+        """Read ``<directory>/catalogbuilder.yaml`` if present; the name defaults to the directory's basename.
+        Raises :class:`~catalogbuilder.config.ConfigError` naming the file, key and value of every problem (a name
+        that is not one safe folder name, a domain bound that is not [low, high], ...)."""
         directory = Path(directory).resolve()
-        info_path = directory / MODEL_INFO_FILE
-        fields: dict[str, Any] = {}
-        if info_path.exists():
-            with open(info_path) as handle:
-                fields = yaml.safe_load(handle) or {}
-            if not isinstance(fields, dict):
-                raise ValueError(f"{info_path}: expected a mapping")
-        known = {"name", "family", "grid", "description", "domain"}
-        return cls(
-            directory=directory,
-            name=str(fields.get("name") or directory.name),
-            family=str(fields.get("family") or DEFAULT_FAMILY),
-            grid=fields.get("grid"),
-            description=str(fields.get("description") or ""),
-            domain=parse_domain(fields.get("domain"), info_path),
-            extra={key: value for key, value in fields.items() if key not in known},
-        )
+        settings = ModelInfoSettings.read(directory)
+        return cls.model_validate({**settings.model_dump(), "directory": directory})
 
 
-def parse_domain(domain: Any, source: Path) -> dict[str, tuple[float, float]]:
-    """The ``domain`` of ``catalogbuilder.yaml``: a mapping output name (teff K, logg, fe_h, rv) → [low, high], the range
-    of the training labels; predictions outside it are flagged RESULT_UNRELIABLE by the release stage."""
-    if not domain:
-        return {}
-    if not isinstance(domain, dict):
-        raise ValueError(f"{source}: domain must map outputs to [low, high], e.g. {{teff: [4200, 7000]}}; got {domain!r}")
-    parsed = {}
-    for output, bounds in domain.items():
-        if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and float(bounds[0]) < float(bounds[1])):
-            raise ValueError(f"{source}: domain.{output} must be [low, high] with low < high; got {bounds!r}")
-        parsed[str(output)] = (float(bounds[0]), float(bounds[1]))
-    return parsed
+@dataclasses.dataclass(frozen=True)
+class ModelSummary:
+    """A model as a client plans with it, read without loading weights (:func:`describe_model`).
+
+    ``grid``: ``apogee``/``optical``, None for photometric models; ``outputs``: canonical names (``teff`` K, ``logg``
+    dex, ``fe_h`` dex, ``rv`` km/s); ``photometry_keys``: per-spectrum inputs read from a photometry table (empty when
+    ``needs_photometry`` is False); ``domain``: output → (low, high) of the training labels; ``weights_sha256``: SHA-256
+    of the weight file bytes (equal to a loaded model's)."""
+
+    name: str
+    family: str
+    grid: str | None
+    outputs: tuple[str, ...]
+    needs_photometry: bool
+    photometry_keys: tuple[str, ...]
+    domain: dict[str, tuple[float, float]]
+    weights_sha256: str
+    directory: Path
+
+    @functools.cached_property
+    def grid_spec(self) -> GridSpec | None:
+        """The wavelengths of :attr:`grid` (:func:`model_grid_spec`); None for photometric models."""
+        return model_grid_spec(ModelInfo.read(self.directory), self.grid)
+
+
+def model_grid_spec(info: ModelInfo, grid: str | None) -> GridSpec | None:
+    """The :class:`~catalogbuilder.constants.GridSpec` a model predicts on: an ingest grid by name, or the model's own
+    grid (``grid`` + ``grid_wavelengths`` of its ``catalogbuilder.yaml``, filled in a store by ``store regrid``)."""
+    if grid is None or grid in GRID_SPECS:
+        return None if grid is None else GRID_SPECS[grid]
+    if info.grid != grid or info.grid_wavelengths is None:
+        raise ConfigError([problem(info.directory / MODEL_INFO_FILE, "grid", grid,
+                                   f"one of {', '.join(GRID_SPECS)}, or a grid described by grid_wavelengths")])
+    return derived_grid(grid, **info.grid_wavelengths.model_dump())
 
 
 class SpectralModel(abc.ABC):
     """A loaded model of any family (docs/ARCHITECTURE.md).
 
-    Attributes: ``name``, ``family``, ``grid`` (``apogee``/``optical``; None for photometric models),
-    ``weights_sha256``, ``outputs`` (canonical names: ``teff`` K, ``logg`` dex, ``fe_h`` dex, ``rv`` km/s),
+    Attributes: ``name``, ``family``, ``grid`` (``apogee``/``optical`` or the model's own grid; None for photometric
+    models) and ``grid_spec`` (its wavelengths, :func:`model_grid_spec`), ``weights_sha256``, ``outputs`` (canonical names: ``teff`` K, ``logg`` dex, ``fe_h`` dex, ``rv`` km/s),
     ``needs_photometry``, ``info`` (the :class:`ModelInfo`), ``device``.
     """
 
@@ -100,6 +110,7 @@ class SpectralModel(abc.ABC):
         self.name = info.name
         self.family = info.family
         self.grid = grid
+        self.grid_spec = model_grid_spec(info, grid)
         self.weights_sha256 = weights_sha256
         self.outputs = tuple(outputs)
         self.device = device
@@ -107,9 +118,13 @@ class SpectralModel(abc.ABC):
     @abc.abstractmethod
     def predict(self, flux: np.ndarray | None, error: np.ndarray | None, draws: int = DEFAULT_DRAWS,
                 seeds: Sequence[int] | np.ndarray | None = None,
-                photometry: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Per spectrum: every output, ``raw_e_<output>`` (std over draws; NaN when draws=0), ``logteff`` and
-        ``raw_e_logteff``. ``flux``/``error`` are (spectra, pixels) on the model grid; ``seeds`` one int per spectrum."""
+                photometry: dict[str, np.ndarray] | None = None, native: NativeSpectra | None = None,
+                noise_on_grid: bool = False) -> dict[str, np.ndarray]:
+        """Per spectrum: every output, ``raw_e_<output>`` (std over draws; NaN when draws=0), ``noiseless_<output>``
+        (prediction of the grid flux without noise; equal to the output when draws=0), and the same three for
+        ``logteff``. ``flux``/``error`` are (spectra, pixels) on the model grid; ``seeds`` one int per spectrum.
+        ``native``: the same spectra on their native pixels, where the noise is drawn; optical-grid models refuse
+        draws without it unless ``noise_on_grid=True`` (noise on the resampled grid, other statistics)."""
 
     def outside_domain(self, values: dict[str, np.ndarray]) -> np.ndarray:
         """True per spectrum where a predicted output with a ``domain`` range lies outside it (NaN is not judged
@@ -129,20 +144,108 @@ class SpectralModel(abc.ABC):
 
 FamilyBuilder = Callable[..., SpectralModel]
 """``builder(info: ModelInfo, device: torch.device, **options) -> SpectralModel``."""
+FamilyDescriber = Callable[[ModelInfo], ModelSummary]
+"""``describe(info: ModelInfo) -> ModelSummary`` from the directory's small files only (no weights loaded)."""
 
-_FAMILIES: dict[str, FamilyBuilder] = {}
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A network family with its constructor arguments (``model_args.yaml``): what training builds and saves.
+
+    ``targets``: network outputs in order (the ``stats.yaml`` keys the family's loader de-normalises with);
+    ``build()``: a fresh untrained network; ``write_args(directory)``: writes ``model_args.yaml``.
+    """
+
+    family: NetworkFamily
+    arguments: Any
+    targets: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def preprocess(self) -> Callable[[torch.Tensor | np.ndarray], torch.Tensor]:
+        return self.family.preprocess  # type: ignore[return-value]
+
+    @property
+    def metadata_width(self) -> int:
+        return self.family.metadata_width
+
+    @property
+    def grid(self) -> str | None:
+        return self.family.grid
+
+    def build(self) -> torch.nn.Module:
+        return self.family.build(self.arguments)  # type: ignore[misc]
+
+    def write_args(self, directory: str | Path) -> None:
+        self.family.write_args(self.arguments, Path(directory))  # type: ignore[misc]
 
 
-def register_family(family: str) -> Callable[[FamilyBuilder], FamilyBuilder]:
-    """Decorator registering ``builder`` as the loader of model directories whose family is ``family``."""
+@dataclasses.dataclass(frozen=True)
+class NetworkFamily:
+    """Everything the pipeline knows about one network family, declared once next to its network.
 
-    def decorate(builder: FamilyBuilder) -> FamilyBuilder:
-        if family in _FAMILIES and _FAMILIES[family] is not builder:
-            raise ValueError(f"model family {family!r} is already registered by {_FAMILIES[family]!r}")
-        _FAMILIES[family] = builder
-        return builder
+    Inference: ``load(info, device, **options) -> SpectralModel`` and ``describe(info) -> ModelSummary`` (from the
+    small files only; None: :func:`describe_model` loads the model on the CPU). Training from spectra on a model grid (None for a
+    family trained otherwise, e.g. the photometric MLP): ``read_args(model_args.yaml or None) -> arguments``,
+    ``build(arguments) -> nn.Module``, ``targets(arguments) -> output names``, ``write_args(arguments, directory)``,
+    ``preprocess`` (flux rows on the model grid → network input, the same function inference applies),
+    ``metadata_width`` (extra per-spectrum inputs, Net II photometry: 7) and ``grid`` (the only grid it runs on, None:
+    any).
+    """
 
-    return decorate
+    name: str
+    load: FamilyBuilder
+    describe: FamilyDescriber | None = None
+    read_args: Callable[[Path | None], Any] | None = None
+    build: Callable[[Any], torch.nn.Module] | None = None
+    targets: Callable[[Any], tuple[str, ...]] | None = None
+    write_args: Callable[[Any, Path], None] | None = None
+    preprocess: Callable[[torch.Tensor | np.ndarray], torch.Tensor] | None = None
+    metadata_width: int = 0
+    grid: str | None = None
+
+    @property
+    def trains_on_spectra(self) -> bool:
+        """True when ``catalogbuilder train`` can train this family from spectra (every training fact is declared)."""
+        return None not in (self.read_args, self.build, self.targets, self.write_args, self.preprocess)
+
+    def architecture(self, config_path: str | Path | None = None) -> Architecture:
+        """The family with the constructor arguments of ``config_path`` (``model_args.yaml``; None: the family's
+        defaults where it has them). ``ValueError`` for a family that does not train on spectra."""
+        if not self.trains_on_spectra:
+            raise ValueError(f"the {self.name} family is not trained from spectra")
+        path = None if config_path is None else Path(config_path)
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"config {path} not found")
+        return self.with_arguments(self.read_args(path))  # type: ignore[misc]
+
+    def with_arguments(self, arguments: Any) -> Architecture:
+        """The family with already parsed constructor arguments (e.g. a ``BossNetConfig``)."""
+        if not self.trains_on_spectra:
+            raise ValueError(f"the {self.name} family is not trained from spectra")
+        return Architecture(self, arguments, tuple(self.targets(arguments)))  # type: ignore[misc]
+
+
+_FAMILIES: dict[str, NetworkFamily] = {}
+
+
+def register_family(family: NetworkFamily | str) -> Any:
+    """Register a :class:`NetworkFamily`. With a name instead, returns a decorator registering a load-only family
+    whose ``load`` is the decorated builder. A second, different registration of a name raises ``ValueError``."""
+    if isinstance(family, str):
+        def decorate(builder: FamilyBuilder) -> FamilyBuilder:
+            register_family(NetworkFamily(family, builder))
+            return builder
+
+        return decorate
+    known = _FAMILIES.get(family.name)
+    if known is not None and known != family:
+        raise ValueError(f"model family {family.name!r} is already registered by {known.load!r}")
+    _FAMILIES[family.name] = family
+    return family
 
 
 def _package_modules() -> list[str]:
@@ -150,50 +253,48 @@ def _package_modules() -> list[str]:
     return sorted(module.name for module in pkgutil.iter_modules(importlib.import_module(_PACKAGE).__path__))
 
 
-def _family_builder(family: str) -> FamilyBuilder:
-    """The registered builder of ``family``: tries module ``<family>`` first, then every module of the package."""
-    for module_name in [family, *_package_modules()]:
-        if family in _FAMILIES:
+def network_family(name: str, source: Path | None = None) -> NetworkFamily:
+    """The registered family ``name``: tries module ``catalogbuilder.models.<name>`` first, then every module;
+    ConfigError naming ``source`` (the model's catalogbuilder.yaml) for an unknown family."""
+    for module_name in [name, *_package_modules()]:
+        if name in _FAMILIES:
             break
         try:
             importlib.import_module(f"{_PACKAGE}.{module_name}")
         except ModuleNotFoundError as error:
             if error.name != f"{_PACKAGE}.{module_name}":
                 raise
-    if family not in _FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; registered families: {sorted(_FAMILIES)}")
-    return _FAMILIES[family]
+    if name not in _FAMILIES:
+        raise ConfigError([problem(source or "model info", "family", name, f"one of {', '.join(sorted(_FAMILIES))}")])
+    return _FAMILIES[name]
 
 
-def registered_families() -> list[str]:
-    """Names of every registered family (imports every module of ``catalogbuilder.models``)."""
+def registered_families(trains_on_spectra: bool = False) -> list[str]:
+    """Names of every registered family (imports every module of ``catalogbuilder.models``); with
+    ``trains_on_spectra`` only those ``catalogbuilder train`` trains from spectra."""
     for module_name in _package_modules():
         importlib.import_module(f"{_PACKAGE}.{module_name}")
-    return sorted(_FAMILIES)
-
-
-def shipped_models() -> list[str]:
-    """Names of the models shipped in ``catalogbuilder/data/models/``."""
-    if not SHIPPED_MODELS_DIR.is_dir():
-        return []
-    return sorted(path.name for path in SHIPPED_MODELS_DIR.iterdir() if (path / "model_args.yaml").exists()
-                  or (path / MODEL_INFO_FILE).exists())
-
-
-def resolve_model_dir(name_or_dir: str | Path) -> Path:
-    """A model directory from a path, or from the name of a shipped model."""
-    path = Path(name_or_dir).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    shipped = SHIPPED_MODELS_DIR / str(name_or_dir)
-    if shipped.is_dir():
-        return shipped
-    raise FileNotFoundError(f"no model directory {str(name_or_dir)!r} and no shipped model of that name "
-                            f"(shipped: {shipped_models() or 'none'})")
+    return sorted(name for name, family in _FAMILIES.items() if family.trains_on_spectra or not trains_on_spectra)
 
 
 def load_model(name_or_dir: str | Path, device: str | torch.device = "cpu", **options: Any) -> SpectralModel:
     """Load a model by shipped name or directory onto ``device``; ``options`` go to the family builder
     (BossNet: ``max_batch``, ``autocast_dtype``, ``compile``)."""
     info = ModelInfo.read(resolve_model_dir(name_or_dir))
-    return _family_builder(info.family)(info, torch.device(device), **options)
+    return network_family(info.family, info.directory / MODEL_INFO_FILE).load(info, torch.device(device), **options)
+
+
+def describe_model(name_or_dir: str | Path) -> ModelSummary:
+    """The :class:`ModelSummary` of a shipped model name or model directory, without loading its weights.
+
+    Raises like :func:`load_model` for an unknown name, a missing directory or unreadable configuration files; weights
+    that are missing raise :class:`~catalogbuilder.models.weights.WeightsError` (their contents are checked only when
+    a worker loads them)."""
+    info = ModelInfo.read(resolve_model_dir(name_or_dir))
+    family = network_family(info.family, info.directory / MODEL_INFO_FILE)
+    if family.describe is not None:
+        return family.describe(info)
+    model = load_model(info.directory)
+    return ModelSummary(model.name, model.family, model.grid, tuple(model.outputs), bool(model.needs_photometry),
+                        tuple(getattr(model, "photometry_keys", ())), dict(info.domain), model.weights_sha256,
+                        info.directory)

@@ -7,21 +7,25 @@ trained here loads exactly like the official weights. The SHA-256 of the concate
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
-import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from catalogbuilder.files import atomic_write
+
 N_CHUNKS: int = 10
+HASH_BLOCK_BYTES: int = 8 << 20  # read size while hashing weight files
 CHUNK_PREFIX: str = "model_chunk_"
 SINGLE_FILE_SUFFIXES: tuple[str, ...] = (".pt", ".pth")
 
 
-class WeightsError(Exception):
-    """Weights that cannot be found or read; the message says which file and why."""
+class WeightsError(ValueError):
+    """Weights that cannot be found or read (or are refused: not a plain state_dict); the message says which file and
+    why. A ``ValueError``, so every command reports it as a usage error (one line, exit 2)."""
 
 
 def chunk_paths(directory: str | Path) -> list[Path]:
@@ -64,16 +68,57 @@ def bytes_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def files_sha256(paths: Sequence[str | Path]) -> str:
+    """Hex SHA-256 of the files' bytes concatenated in order, read in blocks (no torch, no whole-file copy).
+
+    Cached per (path, size, modification time) of every file — plus inode and change time, so a file replaced within
+    the file system's time resolution (``save_state_dict`` renames new files into place) is hashed again — so planning
+    a run on weights already hashed in this process costs a few ``stat`` calls."""
+    return _cached_files_sha256(tuple(_file_identity(Path(path)) for path in paths))
+
+
+def _file_identity(path: Path) -> tuple[str, int, int, int, int]:
+    """(resolved path, size, mtime ns, inode, ctime ns): changes whenever the file's bytes may have changed."""
+    status = path.stat()
+    return str(path.resolve()), status.st_size, status.st_mtime_ns, status.st_ino, status.st_ctime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_files_sha256(identities: tuple[tuple[str, int, int, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for identity in identities:
+        with open(identity[0], "rb") as handle:
+            while block := handle.read(HASH_BLOCK_BYTES):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The ``weights_sha256`` of a weights file or model directory, without loading the weights (see
+    :func:`files_sha256`); equal to the checksum :func:`load_state_dict` returns."""
+    return files_sha256(find_weights(path))
+
+
 def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str]:
     """Load weights (chunked directory or single file) with ``weights_only=True``; returns (state_dict, sha256)."""
     data = read_weight_bytes(path)
     try:
         state_dict = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or non-weights files
-        raise WeightsError(f"{path}: not a loadable torch state_dict ({type(error).__name__}: {error})") from error
+        raise WeightsError(f"{path}: not a loadable torch state_dict ({type(error).__name__}: "
+                           f"{_torch_reason(error)})") from error
     if not isinstance(state_dict, dict):
         raise WeightsError(f"{path}: expected a state_dict mapping, got {type(state_dict).__name__}")
     return state_dict, bytes_sha256(data)
+
+
+def _torch_reason(error: Exception) -> str:
+    """torch's reason for refusing bytes, in one line and without its advice to load them with ``weights_only=False``
+    (never done here: that would run code from the file)."""
+    paragraphs = [" ".join(text.split()) for text in str(error).split("\n\n") if text.strip()]
+    if len(paragraphs) > 2 and paragraphs[0].startswith("Weights only load failed"):
+        paragraphs = paragraphs[1:-1]
+    return " ".join(paragraphs)
 
 
 def split_bytes(data: bytes, parts: int = N_CHUNKS) -> list[bytes]:
@@ -93,8 +138,6 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], directory: str | Path) 
     torch.save({key: value.detach().cpu() for key, value in state_dict.items()}, buffer)
     data = buffer.getvalue()
     for chunk_path, part in zip(chunk_paths(directory), split_bytes(data)):
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{chunk_path.name}.")
-        with os.fdopen(handle, "wb") as out:
-            out.write(part)
-        os.replace(temporary, chunk_path)
+        with atomic_write(chunk_path) as temporary:
+            temporary.write_bytes(part)
     return bytes_sha256(data)

@@ -1,0 +1,266 @@
+"""Two exact implementations of the 1-d convolutions of the BossNet family, chosen per layer and device by speed.
+
+:class:`Conv1d` is ``torch.nn.Conv1d`` (same parameters, same ``state_dict``) whose forward can run either as torch's
+own convolution (``direct``: mkldnn on CPU, cuDNN on GPU) or as an FFT convolution (``fft``): ``torch.fft.rfft`` of
+the input and of the kernel, one complex channel matmul per frequency (``torch.bmm`` with the frequencies as the
+batch), ``torch.fft.irfft``. The FFT form costs O(L log L) per channel pair instead of O(L k), so it wins for the
+kernel of 30 pixels of APOGEE Net III / BOSS Net on CPU.
+
+Its ``mode``: ``direct``, ``fft``, or ``auto`` — the first forward of a new (device, dtype, autocast, layer shape,
+input length, batch rows, threads) runs both implementations on the real input, keeps ``fft`` only if it agrees with
+the direct convolution to :data:`AGREEMENT_TOLERANCE` relative (max |fft − direct| / max |direct|) and is faster
+by :data:`FFT_MARGIN`, and caches the choice in this process (:func:`convolution_choices`) and for every process of
+the machine (:mod:`catalogbuilder.models.measurements`: the first measurement of a key is the one all workers and
+later runs use, so they all compute the same float32 results). Training (gradients enabled) always uses the direct
+convolution; a new ``Conv1d`` starts in ``direct`` mode, so a network behaves like plain torch until an inference
+wrapper switches it (:func:`set_convolution_mode`).
+
+Semantics equal ``nn.Conv1d`` with zero padding, dilation 1, one group and any stride (computed at stride 1 and
+subsampled), including the even kernel with padding k//2 (L + 1 outputs) and padding k//2 − 1 of the residual blocks.
+Other configurations (reflect padding, dilation, groups, string padding) always run the direct convolution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from catalogbuilder.models.measurements import first_measurement
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATIONS: tuple[str, ...] = ("direct", "fft")
+MODES: tuple[str, ...] = ("auto", *IMPLEMENTATIONS)
+AGREEMENT_TOLERANCE = 1e-5  # largest |fft - direct| / max|direct| for which the FFT form may be selected
+FFT_MARGIN = 1.1  # the FFT form must be this many times faster: near-ties stay on torch's own convolution
+DECISIVE_RATIO = 2.0  # one implementation this many times faster in the first turn: no further turn
+TIMING_REPEATS = 3  # turns of timed calls at most (the first also checks agreement)
+# The first call of a shape includes one-off costs (mkldnn primitives, FFT plans, a few ms): it counts as a timing only
+# when both calls took longer than this (measured: a 6 ms convolution's first call took 33 ms).
+FIRST_CALL_MIN_SECONDS = 0.05
+FFT_RADICES: tuple[int, ...] = (2, 3, 5)  # FFT lengths are products of these (fast for pocketfft and cuFFT)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvolutionChoice:
+    """What the selection measured for one layer shape: the implementation kept, the best seconds of each, and the
+    largest deviation of the FFT form relative to max |direct|."""
+
+    implementation: str
+    direct_seconds: float
+    fft_seconds: float
+    deviation: float
+
+    @property
+    def speedup(self) -> float:
+        """Direct seconds / FFT seconds (> 1: the FFT form is faster)."""
+        return self.direct_seconds / self.fft_seconds if self.fft_seconds > 0 else float("nan")
+
+
+_CHOICES: dict[tuple, ConvolutionChoice] = {}
+_CHOICES_LOCK = threading.Lock()
+
+
+def fft_length(minimum: int) -> int:
+    """The smallest length >= ``minimum`` whose only prime factors are 2, 3 and 5."""
+    length = max(1, minimum)
+    while True:
+        rest = length
+        for radix in FFT_RADICES:
+            while rest % radix == 0:
+                rest //= radix
+        if rest == 1:
+            return length
+        length += 1
+
+
+def kernel_spectrum(weight: torch.Tensor, padding: int, length: int) -> torch.Tensor:
+    """(frequencies, in, out) complex spectrum of a (out, in, k) kernel for :func:`fft_conv1d` with FFT ``length``.
+
+    The kernel is placed circularly at offsets −padding … k−1−padding, which applies the left zero padding without
+    copying the input; the conjugate turns the product into torch's cross-correlation."""
+    placed = torch.roll(F.pad(weight, (0, length - weight.shape[-1])), shifts=-padding, dims=-1)
+    return torch.fft.rfft(placed).conj().permute(2, 1, 0).contiguous()
+
+
+def fft_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, stride: int = 1,
+               spectrum: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv1d(x, weight, bias, stride, padding)`` (zero padding, dilation 1, one group) through FFTs.
+
+    ``x``: (batch, in, L); ``weight``: (out, in, k); ``spectrum``: :func:`kernel_spectrum` of the weight for
+    :func:`fft_conv1d_length` (computed here when None). Returns (batch, out, (L + 2·padding − k) // stride + 1)."""
+    n_in, length, kernel = x.shape[1], x.shape[-1], weight.shape[-1]
+    out_length = length + 2 * padding - kernel + 1
+    if out_length < 1:
+        raise ValueError(f"input of {length} samples is shorter than the padded kernel ({kernel} - 2x{padding})")
+    if n_in != weight.shape[1]:
+        raise ValueError(f"input has {n_in} channels, the kernel expects {weight.shape[1]}")
+    n_fft = fft_conv1d_length(length, kernel, padding)
+    if spectrum is None:
+        spectrum = kernel_spectrum(weight, padding, n_fft)
+    x_spectrum = torch.fft.rfft(x, n=n_fft).permute(2, 0, 1).contiguous()  # (frequencies, batch, in)
+    product = torch.bmm(x_spectrum, spectrum)  # (frequencies, batch, out); contiguous: no per-frequency copies
+    out = torch.fft.irfft(product.permute(1, 2, 0), n=n_fft)[..., :out_length:stride]
+    return out if bias is None else out + bias[:, None]
+
+
+def fft_conv1d_length(length: int, kernel: int, padding: int) -> int:
+    """FFT length of :func:`fft_conv1d`: no wrap-around into the outputs needs ≥ L + padding samples and room for
+    all L + 2·padding − k + 1 outputs; rounded up to a 2·3·5-smooth length."""
+    return fft_length(max(length + padding, length + 2 * padding - kernel + 1))
+
+
+class Conv1d(nn.Conv1d):
+    """``nn.Conv1d`` with a selectable forward (module docstring); parameters and ``state_dict`` are nn.Conv1d's."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - exactly nn.Conv1d's arguments
+        super().__init__(*args, **kwargs)
+        self.mode = "direct"
+        self.last_implementation: str | None = None  # what the latest forward ran (None before the first)
+        self._spectra: dict[tuple, torch.Tensor] = {}
+
+    def fft_supported(self) -> bool:
+        """Whether this layer's configuration has an FFT form here (zero padding, no dilation, one group)."""
+        return (self.padding_mode == "zeros" and not isinstance(self.padding, str) and self.dilation == (1,)
+                and self.groups == 1)
+
+    def weight_spectrum(self, n_fft: int) -> torch.Tensor:
+        """The kernel spectrum for FFT length ``n_fft``, cached until the weight tensor changes (or moves)."""
+        weight = self.weight.detach()
+        key = (n_fft, weight.device, weight.dtype, weight.data_ptr(), self.weight._version)
+        spectrum = self._spectra.get(key)
+        if spectrum is None:
+            self._spectra = {key: kernel_spectrum(weight, self.padding[0], n_fft)}  # only the current weight's
+            spectrum = self._spectra[key]
+        return spectrum
+
+    def forward_fft(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFT form, in float32 (or float64 for float64 input) even under autocast (torch.fft has no bfloat16)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            n_fft = fft_conv1d_length(x.shape[-1], self.kernel_size[0], self.padding[0])
+            spectrum = self.weight_spectrum(n_fft).to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+            bias = None if self.bias is None else self.bias.detach().to(dtype)
+            return fft_conv1d(x, self.weight.detach(), bias, self.padding[0], self.stride[0], spectrum)
+
+    def forward_direct(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's own convolution (nn.Conv1d.forward)."""
+        return super().forward(x)
+
+    def implementation_for(self, x: torch.Tensor) -> str:
+        """The implementation this forward uses: ``direct`` whenever gradients are needed or no FFT form exists."""
+        if self.mode == "direct" or not self.fft_supported() or x.ndim != 3:
+            return "direct"
+        if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+            return "direct"
+        if self.mode == "fft":
+            return "fft"
+        return select_implementation(self, x).implementation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_implementation = self.implementation_for(x)
+        return self.forward_fft(x) if self.last_implementation == "fft" else self.forward_direct(x)
+
+
+def choice_key(layer: Conv1d, x: torch.Tensor) -> tuple:
+    """Cache key of a selection: device, dtype, autocast dtype, layer shape, input length, batch rows, threads."""
+    device = x.device
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    return (str(device), str(x.dtype), str(autocast), layer.in_channels, layer.out_channels, layer.kernel_size[0],
+            layer.stride[0], layer.padding[0], x.shape[-1], x.shape[0], threads)
+
+
+def _timed(function: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor]:
+    """(wall seconds, result) of one call, synchronising a GPU before and after."""
+    synchronise = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronise()
+    began = time.perf_counter()
+    result = function()
+    synchronise()
+    return time.perf_counter() - began, result
+
+
+def select_implementation(layer: Conv1d, x: torch.Tensor) -> ConvolutionChoice:
+    """The cached choice for this layer and input shape: this process's, else this machine's shared one
+    (:mod:`catalogbuilder.models.measurements`), else measured on ``x`` now (module docstring)."""
+    key = choice_key(layer, x)
+    with _CHOICES_LOCK:
+        choice = _CHOICES.get(key)
+        if choice is None:
+            shared = first_measurement("convolution", key, str(x.device),
+                                       lambda: dataclasses.asdict(_measure(layer, x)))
+            choice = _CHOICES[key] = ConvolutionChoice(**shared)
+            log.info("convolution %s: %s (direct %.2f ms, fft %.2f ms, deviation %.1e)", key,
+                     choice.implementation, 1e3 * choice.direct_seconds, 1e3 * choice.fft_seconds, choice.deviation)
+    return choice
+
+
+def _measure(layer: Conv1d, x: torch.Tensor) -> ConvolutionChoice:
+    """Run both implementations on ``x`` in turns: first in float32 without autocast, which checks agreement and is
+    the first timing (unless the caller autocasts, or a call took under :data:`FIRST_CALL_MIN_SECONDS`, where one-off
+    set-up costs would weigh); then timed again in the caller's autocast state until there are :data:`TIMING_REPEATS`
+    timings each, or one implementation was :data:`DECISIVE_RATIO` times faster."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    with torch.no_grad():
+        layer.weight_spectrum(fft_conv1d_length(x.shape[-1], layer.kernel_size[0], layer.padding[0]))  # not timed
+        with torch.autocast(x.device.type, enabled=False):
+            exact = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            direct_time, direct = _timed(lambda: layer.forward_direct(exact), x.device)
+            fft_time, fft = _timed(lambda: layer.forward_fft(exact), x.device)
+        scale = float(direct.abs().max())
+        difference = float((fft - direct).abs().max())
+        deviation = difference / scale if scale > 0 else difference
+        if not deviation <= AGREEMENT_TOLERANCE:
+            return ConvolutionChoice("direct", direct_time, fft_time, deviation)
+        first_counts = not autocast and min(direct_time, fft_time) >= FIRST_CALL_MIN_SECONDS
+        direct_times, fft_times = ([direct_time], [fft_time]) if first_counts else ([], [])
+        while not _decided(direct_times, fft_times):
+            direct_times.append(_timed(lambda: layer.forward_direct(x), x.device)[0])
+            fft_times.append(_timed(lambda: layer.forward_fft(x), x.device)[0])
+    best_direct, best_fft = min(direct_times), min(fft_times)
+    return ConvolutionChoice("fft" if best_fft * FFT_MARGIN < best_direct else "direct", best_direct, best_fft,
+                             deviation)
+
+
+def _decided(direct_times: list[float], fft_times: list[float]) -> bool:
+    """Enough timings: the repeats are done, or the first turn was decisive."""
+    if len(direct_times) >= TIMING_REPEATS:
+        return True
+    if not direct_times:
+        return False
+    ratio = direct_times[0] / max(fft_times[0], 1e-12)
+    return max(ratio, 1 / max(ratio, 1e-12)) >= DECISIVE_RATIO
+
+
+def convolution_layers(network: nn.Module) -> Iterator[Conv1d]:
+    """Every selectable convolution of a network."""
+    return (module for module in network.modules() if isinstance(module, Conv1d))
+
+
+def set_convolution_mode(network: nn.Module, mode: str) -> None:
+    """Set ``mode`` (``auto``, ``direct`` or ``fft``) on every selectable convolution of ``network``."""
+    if mode not in MODES:
+        raise ValueError(f"convolution mode must be one of {MODES}, got {mode!r}")
+    for layer in convolution_layers(network):
+        layer.mode = mode
+
+
+def convolution_choices() -> dict[tuple, ConvolutionChoice]:
+    """Every selection made in this process so far: :func:`choice_key` → :class:`ConvolutionChoice`."""
+    with _CHOICES_LOCK:
+        return dict(_CHOICES)
+
+
+def forget_convolution_choices() -> None:
+    """Drop this process's cached selections (the next ``auto`` forward of each shape reads the machine's shared
+    one, or measures again if there is none)."""
+    with _CHOICES_LOCK:
+        _CHOICES.clear()

@@ -1,0 +1,198 @@
+"""The selectable convolution of the BossNet family: the FFT form equals torch's Conv1d (every padding/stride the
+networks use and more), the per-shape choice is measured once and cached, and anything the FFT form cannot do
+(gradients, dilation, groups, non-zero padding modes) runs torch's own convolution."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from catalogbuilder.models import convolution
+from catalogbuilder.models.convolution import (Conv1d, convolution_choices, fft_conv1d, fft_length,
+                                               forget_convolution_choices, set_convolution_mode)
+from catalogbuilder.models.measurements import CACHE_ENV, first_measurement, measurements_directory
+
+
+@pytest.fixture(autouse=True)
+def fresh_measurements(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test measures for itself: an empty shared-measurement folder, an empty process cache."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "measurements"))
+    forget_convolution_choices()
+
+
+def relative_deviation(result: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((result - reference).abs().max() / reference.abs().max())
+
+
+@pytest.mark.parametrize(("n_in", "n_out", "kernel", "padding", "stride", "length"), [
+    (2, 4, 30, 15, 1, 8575),   # first BossNet convolution: even kernel, L + 1 outputs
+    (8, 16, 30, 15, 1, 4288),  # residual block, first convolution
+    (16, 16, 30, 14, 1, 4289),  # residual block, second convolution (k//2 - 1 restores L)
+    (3, 5, 3, 1, 1, 100),      # APOGEE Net-like odd kernel
+    (4, 6, 7, 0, 1, 50),       # no padding
+    (4, 6, 30, 15, 2, 301),    # stride 2
+    (1, 1, 5, 9, 3, 4),        # padding wider than the kernel, input shorter than it
+])
+def test_fft_form_equals_torch_conv1d(n_in: int, n_out: int, kernel: int, padding: int, stride: int,
+                                      length: int) -> None:
+    generator = torch.Generator().manual_seed(n_in * 100 + kernel)
+    x = torch.randn(3, n_in, length, generator=generator, dtype=torch.float64) - 5.0  # offset like log flux
+    weight = torch.randn(n_out, n_in, kernel, generator=generator, dtype=torch.float64)
+    bias = torch.randn(n_out, generator=generator, dtype=torch.float64)
+    reference = F.conv1d(x, weight, bias, stride=stride, padding=padding)
+    exact = fft_conv1d(x, weight, bias, padding, stride)
+    assert exact.shape == reference.shape
+    assert relative_deviation(exact, reference) < 1e-12
+    single = fft_conv1d(x.float(), weight.float(), None, padding, stride)
+    assert relative_deviation(single, reference - bias[:, None]) < 1e-5
+
+
+def test_fft_lengths_are_smooth_and_short() -> None:
+    assert [fft_length(n) for n in (1, 7, 4317, 4318, 8590)] == [1, 8, 4320, 4320, 8640]
+    with pytest.raises(ValueError, match="shorter"):
+        fft_conv1d(torch.zeros(1, 1, 3), torch.zeros(1, 1, 30), None, 0)
+
+
+def test_layer_keeps_nn_conv1d_parameters_and_each_mode_agrees() -> None:
+    torch.manual_seed(0)
+    plain = nn.Conv1d(8, 16, 30, padding=15)
+    layer = Conv1d(8, 16, 30, padding=15)
+    layer.load_state_dict(plain.state_dict(), strict=True)
+    assert list(layer.state_dict()) == list(plain.state_dict())
+    x = torch.randn(5, 8, 600)
+    outputs = {}
+    with torch.inference_mode():
+        reference = plain(x)
+        for mode in ("direct", "fft", "auto"):
+            set_convolution_mode(layer, mode)
+            outputs[mode] = layer(x)
+            assert layer.last_implementation in ((mode,) if mode != "auto" else ("direct", "fft"))
+    assert torch.equal(outputs["direct"], reference), "direct mode is torch's own convolution"
+    assert relative_deviation(outputs["fft"], reference) < 1e-5
+    assert relative_deviation(outputs["auto"], reference) < 1e-5
+    with pytest.raises(ValueError, match="convolution mode"):
+        set_convolution_mode(layer, "winograd")
+
+
+def test_gradients_and_unsupported_layers_use_the_direct_convolution() -> None:
+    layer = Conv1d(4, 4, 30, padding=15)
+    set_convolution_mode(layer, "fft")
+    x = torch.randn(2, 4, 200)
+    layer(x).sum().backward()  # training: gradients enabled
+    assert layer.last_implementation == "direct" and layer.weight.grad is not None
+    with torch.no_grad():
+        layer(x)
+    assert layer.last_implementation == "fft"
+    for unsupported in (Conv1d(4, 4, 5, padding=2, dilation=2), Conv1d(4, 4, 5, padding=2, groups=2),
+                        Conv1d(4, 4, 5, padding="same"), Conv1d(4, 4, 5, padding=2, padding_mode="reflect")):
+        set_convolution_mode(unsupported, "fft")
+        with torch.inference_mode():
+            unsupported(x)
+        assert unsupported.last_implementation == "direct"
+
+
+def test_new_weights_give_a_new_kernel_spectrum() -> None:
+    layer = Conv1d(3, 3, 9, padding=4, bias=False)
+    set_convolution_mode(layer, "fft")
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(2.0)  # in place: same storage, new version
+        after = layer(x)
+        layer.weight = nn.Parameter(torch.ones_like(layer.weight))  # a new tensor
+        ones = layer(x)
+    assert relative_deviation(after, 2.0 * before) < 1e-6
+    assert relative_deviation(ones, F.conv1d(x, torch.ones(3, 3, 9), padding=4)) < 1e-6
+
+
+def test_auto_measures_once_per_shape_and_keeps_the_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The residual convolution of the full-size APOGEE Net III (32 channels, k = 30, L = 4289) at one spectrum's 20
+    draws on one thread (a CPU worker): the FFT form is several times faster; a new batch size is a new measurement,
+    a repeated one is not. (At 2 rows on 2 threads the per-frequency products are too small for it to win.)"""
+    forget_convolution_choices()
+    layer = Conv1d(32, 32, 30, padding=14, bias=False)
+    set_convolution_mode(layer, "auto")
+    measured = []
+    original = convolution._measure
+    monkeypatch.setattr(convolution, "_measure", lambda *args: measured.append(args[1].shape) or original(*args))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for rows in (20, 20, 21):
+                layer(torch.randn(rows, 32, 4289))
+    finally:
+        torch.set_num_threads(threads)
+    assert [shape[0] for shape in measured] == [20, 21]
+    choices = convolution_choices()
+    assert len(choices) == 2 and {choice.implementation for choice in choices.values()} == {"fft"}
+    assert all(choice.speedup > convolution.FFT_MARGIN and choice.deviation < 1e-5 for choice in choices.values())
+    assert layer.last_implementation == "fft"
+
+
+def test_auto_keeps_torch_when_the_fft_form_is_slower_or_inexact(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    layer = Conv1d(4, 4, 30, padding=15)
+    set_convolution_mode(layer, "auto")
+    x = torch.randn(2, 4, 300)
+    fft_form = layer.forward_fft
+
+    def slow_fft(inputs: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return fft_form(inputs)
+
+    forget_convolution_choices()
+    monkeypatch.setattr(layer, "forward_fft", slow_fft)
+    with torch.inference_mode():
+        layer(x)
+    assert layer.last_implementation == "direct"
+    assert next(iter(convolution_choices().values())).speedup < 1
+
+    forget_convolution_choices()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "other-measurements"))
+    monkeypatch.setattr(layer, "forward_fft", fft_form)
+    monkeypatch.setattr(convolution, "AGREEMENT_TOLERANCE", 0.0)  # nothing agrees exactly: never the FFT form
+    with torch.inference_mode():
+        layer(x)
+    choice = next(iter(convolution_choices().values()))
+    assert layer.last_implementation == "direct" and choice.implementation == "direct" and choice.deviation > 0
+    forget_convolution_choices()
+
+
+def test_fft_form_under_bfloat16_autocast_computes_in_float32() -> None:
+    layer = Conv1d(4, 8, 30, padding=15)
+    set_convolution_mode(layer, "fft")
+    x = torch.randn(2, 4, 500)
+    with torch.inference_mode():
+        reference = F.conv1d(x, layer.weight, layer.bias, padding=15)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result = layer(x)
+    assert result.dtype == torch.float32 and relative_deviation(result, reference) < 1e-5
+
+
+def test_a_machine_measures_each_shape_once_for_all_its_processes(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """The first measurement of a key is shared through the cache folder: another process (here: the same one with
+    its own cache emptied) reads it instead of measuring, and a later offer does not replace it."""
+    layer = Conv1d(4, 4, 30, padding=15)
+    set_convolution_mode(layer, "auto")
+    x = torch.randn(2, 4, 300)
+    with torch.inference_mode():
+        layer(x)
+    first = dict(convolution_choices())
+    assert len(list(measurements_directory().glob("convolution-*.json"))) == 1
+    forget_convolution_choices()
+    monkeypatch.setattr(convolution, "_measure", lambda *args: pytest.fail("measured again"))
+    with torch.inference_mode():
+        layer(x)
+    assert convolution_choices() == first
+
+    assert first_measurement("test", ("k",), "cpu", lambda: {"value": 1}) == {"value": 1}
+    assert first_measurement("test", ("k",), "cpu", lambda: {"value": 2}) == {"value": 1}, "the first one wins"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")
+    assert first_measurement("test", ("k",), "cpu", lambda: {"value": 3}) == {"value": 3}, "unshared, still works"

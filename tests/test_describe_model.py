@@ -1,0 +1,59 @@
+"""describe_model: what a client plans a run with, read without loading any weights, equal to what the loaded model
+says; the weights checksum is cached per file identity and follows rewritten weights."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from catalogbuilder.models import weights
+from catalogbuilder.config import shipped_models
+from catalogbuilder.models.registry import describe_model, load_model
+
+
+def test_summary_equals_the_loaded_model_and_loads_no_weights(conformance_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [*shipped_models(), str(conformance_dir / "apogee_small"), str(conformance_dir / "boss_small")]
+    loaded = {name: load_model(name) for name in names}
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("describe_model must not load weights")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    for name, model in loaded.items():
+        summary = describe_model(name)
+        assert (summary.name, summary.family, summary.grid, summary.outputs, summary.needs_photometry,
+                summary.weights_sha256, summary.domain) == (
+            model.name, model.family, model.grid, tuple(model.outputs), model.needs_photometry,
+            model.weights_sha256, model.info.domain), name
+        if summary.family != "photometric":  # its keys are its bands and the parallax, checked below
+            assert summary.photometry_keys == tuple(getattr(model, "photometry_keys", ()))
+    photometric = describe_model("sos-photometric-demo")
+    assert photometric.photometry_keys == (*loaded["sos-photometric-demo"].config.bands, "parallax")
+
+
+def test_checksum_is_cached_and_follows_new_weights(conformance_dir: Path, tmp_path: Path) -> None:
+    model_dir = Path(shutil.copytree(conformance_dir / "apogee_small", tmp_path / "model"))
+    first = describe_model(model_dir).weights_sha256
+    hashed = weights._cached_files_sha256.cache_info().misses
+    assert describe_model(model_dir).weights_sha256 == first
+    assert weights._cached_files_sha256.cache_info().misses == hashed, "unchanged files are not read again"
+    state_dict, _ = weights.load_state_dict(model_dir)
+    state_dict["linear_sequential.2.bias"] += 1.0  # same size, rewritten at once
+    new = weights.save_state_dict(state_dict, model_dir)
+    assert describe_model(model_dir).weights_sha256 == new != first
+
+
+def test_missing_or_foreign_models_are_clear_errors(tmp_path: Path, conformance_dir: Path) -> None:
+    from catalogbuilder.photometric.stage import describe_photometric_model
+
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        describe_model(tmp_path / "nowhere")
+    model_dir = Path(shutil.copytree(conformance_dir / "apogee_small", tmp_path / "no_weights"))
+    (model_dir / "model_chunk_3").unlink()
+    with pytest.raises(weights.WeightsError, match="missing"):
+        describe_model(model_dir)
+    with pytest.raises(ValueError, match="is a 'bossnet' model, not a 'photometric' one"):
+        describe_photometric_model(conformance_dir / "apogee_small")
