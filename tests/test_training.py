@@ -1,5 +1,5 @@
 """Training stage: KDE weights, label joins, splits by star, masked loss, the training loop, the official-format output,
-the ``catalogbuilder train`` command and the emulator-based synthetic apStar spectra — on real spectra and labels."""
+and the ``catalogbuilder train`` command — on real spectra and labels."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from catalogbuilder.cli import main as cli_main
-from catalogbuilder.constants import APOGEE_NPIX
+from catalogbuilder.constants import BOSSNET_PARAMS_BOSS
 from catalogbuilder.models.bossnet import BossNetConfig
 from catalogbuilder.models.registry import load_model
 from catalogbuilder.readers import read_spectra
@@ -21,8 +21,10 @@ from catalogbuilder.training import data as tdata
 from catalogbuilder.training.kde import kde_weights, scale_to_mean_one
 from catalogbuilder.training.train import (
     Batch,
+    Phase,
     SpectraBatches,
     fit,
+    masked_weighted_mae,
     masked_weighted_mse,
     predict_labels,
     train_bossnet,
@@ -31,7 +33,7 @@ from catalogbuilder.training.train import (
 
 SAMPLE_DR1 = Path(__file__).resolve().parents[1] / "catalogbuilder" / "data" / "sample" / "lamost" / "dr1"
 LASP_COLUMNS = {"teff": "teff", "logg": "logg", "fe_h": "feh", "rv": "rv"}
-TINY_OPTICAL = BossNetConfig(model_dim=2, dim_mults=(1, 2), kernel_size=9, num_targets=4, adapt_pool_output_dim=8,
+TINY_OPTICAL = BossNetConfig(model_dim=2, dim_mults=(1, 2), kernel_size=9, num_targets=4, adapt_pool_output_dim=64,
                              num_linear=1, linear_dim=16, pos_enc=True)
 
 
@@ -139,11 +141,11 @@ def test_parse_label_columns() -> None:
 
 def test_targets_in_model_order_and_stats_yaml(sample_set, tmp_path: Path) -> None:
     labels = sample_set[3]
-    targets = tdata.labels_to_targets(labels, tdata.bossnet_targets(4))
+    targets = tdata.labels_to_targets(labels, BOSSNET_PARAMS_BOSS)
     assert np.allclose(targets[:, 0], labels["logg"]) and np.allclose(targets[:, 1], np.log10(labels["teff"]))
     assert np.allclose(targets[:, 2], labels["fe_h"]) and np.allclose(targets[:, 3], labels["rv"])
-    stats = tdata.fit_stats(targets, tdata.bossnet_targets(4))
-    z = tdata.standardise(targets, tdata.bossnet_targets(4), stats)
+    stats = tdata.fit_stats(targets, BOSSNET_PARAMS_BOSS)
+    z = tdata.standardise(targets, BOSSNET_PARAMS_BOSS, stats)
     assert np.allclose(z.mean(axis=0), 0, atol=1e-12) and np.allclose(z.std(axis=0), 1)
     tdata.write_stats_yaml(tmp_path / "stats.yaml", stats)
     assert yaml.safe_load((tmp_path / "stats.yaml").read_text())["logTeff"]["MEAN"] == pytest.approx(stats["logTeff"][0])
@@ -157,9 +159,6 @@ def test_split_by_star_keeps_each_star_in_one_split() -> None:
     assert not (stars[0] & stars[1]) and not (stars[0] & stars[2]) and not (stars[1] & stars[2])
     assert [len(s) for s in stars] == [40, 5, 5]
     assert np.array_equal(tdata.split_by_star(ids, seed=3)[2], test)
-    folds = tdata.kfold_by_star(ids, 5, seed=1)
-    assert sorted(np.concatenate(folds).tolist()) == list(range(len(ids)))
-    assert all(not (set(ids[a]) & set(ids[b])) for i, a in enumerate(folds) for b in folds[i + 1:])
 
 
 # --- loss, loop, output format ------------------------------------------------------------------------------------
@@ -193,7 +192,7 @@ def test_training_lowers_validation_loss_and_is_reproducible(dr1_set) -> None:
 
 def test_spectra_batches_augment_with_error_scaled_noise(sample_set) -> None:
     flux, error, _, labels = sample_set
-    targets = tdata.labels_to_targets(labels, tdata.bossnet_targets(4))
+    targets = tdata.labels_to_targets(labels, BOSSNET_PARAMS_BOSS)
     provider = SpectraBatches(flux, error, targets, np.ones(len(flux)), batch_size=3, seed=1)
     clean = torch.cat([batch.inputs[0] for batch in provider.batches(epoch=0, augment=False)])
     noisy = [torch.cat([b.inputs[0] for b in provider.batches(epoch=e, augment=True)]) for e in (1, 1, 2)]
@@ -236,14 +235,27 @@ def test_fit_is_generic_over_model_and_batch_provider() -> None:
     history = fit(model, Features(1), Features(2), epochs=30, patience=5, learning_rate=0.05, progress=False)
     assert history.best_val_loss < 0.1 * history.initial_val_loss
 
+    # a schedule: a phase that cannot learn (learning rate 0) stops after its patience, the next phase (another loss,
+    # a fresh optimiser, cosine annealing) trains on from the same weights; early stopping watches the validation MAE
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    schedule = [Phase(10, masked_weighted_mse, 0.0, name="frozen"),
+                Phase(40, masked_weighted_mae, 0.05, lambda p, lr: torch.optim.Adam(p, lr=lr), cosine=True)]
+    history = fit(model, Features(1), Features(2), patience=3, progress=False, schedule=schedule,
+                  validation_loss=masked_weighted_mae)
+    assert history.val_loss[1:5] == [history.val_loss[1]] * 4  # frozen: epoch 1 is best, 3 more, then phase 2
+    assert history.best_epoch > 4 and history.best_val_loss < 0.1 * history.initial_val_loss
+    with pytest.raises(ValueError, match="phase needs"):
+        fit(model, Features(1), Features(2), schedule=[Phase(0)])
+
 
 # --- the command ------------------------------------------------------------------------------------------------
 
 
 def test_train_command_end_to_end(tmp_path: Path, capsys) -> None:
-    from catalogbuilder.store.spectra import SpectrumStore
+    from catalogbuilder.store import SpectrumStore
 
-    store = SpectrumStore.open(tmp_path / "store")
+    store = SpectrumStore.open(tmp_path / "store", create=True)
     store.ingest(sorted(SAMPLE_DR1.glob("spec-*.fits")), progress=False)
     config = tmp_path / "model_args.yaml"
     TINY_OPTICAL.to_yaml(config)
@@ -270,30 +282,29 @@ def test_train_command_end_to_end(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "x").exists()
 
 
-# --- synthetic apStar spectra from the Payne emulator ----------------------------------------------------------
+def test_train_command_from_a_training_set_keeps_its_split(sample_set, tmp_path: Path, capsys) -> None:
+    from catalogbuilder.training.sources import TrainingSet
 
-
-def test_synthetic_apstar_spectra_look_like_real_ones(shared_data: Path) -> None:
-    from catalogbuilder.training import synthetic
-
-    emulator = synthetic.PayneEmulator.from_npz(shared_data / "weights" / "binspec_payne" / "NN_normalized_spectra.npz")
-    continuum_pixels = np.load(shared_data / "grids" / "cannon_cont_pixels_apogee.npz")["pixels_cannon"]
-    real = shared_data / "apogee" / "apStar-dr17-2M19485057+5005279.fits"
-    templates = synthetic.templates_from_apstar([real], continuum_pixels)
-    assert [t.source for t in templates] == ["apStar-dr17-2M19485057+5005279.fits[0]"]  # row 1 is all zero
-    # the emulator at the star's published labels matches its continuum-normalised spectrum to a few per cent
-    from astropy.io import fits
-
-    flux = np.nan_to_num(fits.getdata(real, 1)[0])
-    normalised = flux[synthetic.payne_pixels()] / templates[0].continuum[synthetic.payne_pixels()]
-    model = emulator.normalized_flux(np.array([[4850.0, 4.6, -0.3, 0.0, 5.0]]))[0]
-    assert np.sqrt(np.mean((normalised - model) ** 2)) < 0.05
-    spectra = synthetic.generate(emulator, templates, 6, seed=2)
-    assert spectra.flux.shape == spectra.error.shape == (6, APOGEE_NPIX)
-    no_data = templates[0].continuum == 0
-    assert np.all(spectra.flux[:, no_data] == 0) and np.all(spectra.error[:, no_data] == 0)
-    assert np.all(spectra.error[:, ~no_data] > 0)
-    assert np.all((spectra.labels >= emulator.x_min) & (spectra.labels <= emulator.x_max))
-    assert np.array_equal(synthetic.generate(emulator, templates, 6, seed=2).flux, spectra.flux)
-    measured_snr = np.median(np.median(spectra.flux[:, ~no_data], axis=1)[:, None] / spectra.error[:, ~no_data], axis=1)
-    np.testing.assert_allclose(measured_snr, spectra.snr, rtol=0.3)
+    flux, error, coords, labels = sample_set
+    split = np.array(["train"] * 5 + ["validation", "test", "test"])
+    training_set = TrainingSet("optical", flux, error, np.zeros(flux.shape, np.int64), labels[list(LASP_COLUMNS)].copy(),
+                               coords["source_id"].to_numpy(str), np.full(len(flux), "lamost"), split, "8 DR1 stars")
+    set_path = training_set.save(tmp_path / "set.npz")
+    config = tmp_path / "tiny.yaml"
+    TINY_OPTICAL.to_yaml(config)
+    out = tmp_path / "from-set"
+    argv = ["train", "--training-set", str(set_path), "--config", str(config), "--out", str(out), "--epochs", "2",
+            "--batch-size", "4", "--seed", "1", "--no-progress"]
+    assert cli_main(argv) == 0
+    info = yaml.safe_load((out / "catalogbuilder.yaml").read_text())
+    assert (info["training"]["n_train"], info["training"]["n_validation"], info["training"]["n_test"]) == (5, 1, 2)
+    train_teff = labels["teff"].to_numpy()[:5]
+    assert info["domain"]["teff"] == pytest.approx([train_teff.min(), train_teff.max()])
+    assert info["training"]["train_label_means"]["teff"] == pytest.approx(train_teff.mean())
+    assert info["training"]["training_set_description"] == "8 DR1 stars"
+    assert load_model(out).grid == "optical"
+    capsys.readouterr()
+    assert cli_main([*argv[:-1], "--store", str(tmp_path)]) == 2
+    assert "--store belongs to training from a store" in capsys.readouterr().err
+    assert cli_main(["train", "--family", "apogeenet2", "--training-set", str(set_path), "--out", str(tmp_path / "n2")]) == 2
+    assert "needs photometry inputs" in capsys.readouterr().err

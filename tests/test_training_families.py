@@ -22,12 +22,11 @@ from catalogbuilder.models.apogeenet import (
     NET2_LABELS,
     normalize_metadata,
 )
-from catalogbuilder.models.registry import load_model
-from catalogbuilder.store.spectra import SpectrumStore
+from catalogbuilder.models.registry import load_model, network_family
+from catalogbuilder.store import SpectrumStore
 from catalogbuilder.training import data as tdata
 from catalogbuilder.training.train import (
     load_store_spectra,
-    network_family,
     predict_labels,
     store_metadata,
     train_from_store,
@@ -51,7 +50,7 @@ def one_thread() -> None:
 def apogee_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The two apStar files (7 spectra, one row all zero) and the two apVisit files: 9 spectra of 4 stars."""
     path = tmp_path_factory.mktemp("families") / "store"
-    report = SpectrumStore.open(path).ingest(sorted((shared_data / "apogee").glob("ap*.fits")), progress=False)
+    report = SpectrumStore.open(path, create=True).ingest(sorted((shared_data / "apogee").glob("ap*.fits")), progress=False)
     assert report.added["apogee"] == 9
     return path
 
@@ -117,16 +116,17 @@ def _assert_trained_like_bossnet(trained, out: Path, family: str, targets: tuple
     history = trained.history
     assert len(history.val_loss) - 1 == TRAINING["epochs"] and np.isfinite(history.train_loss[1:]).all()
     assert np.isfinite(history.val_loss).all()
-    # split by star; the all-zero row of CALIBRATED_STAR is left out, its other row is the test split
-    assert [len(rows) for rows in trained.split.values()] == [6, 1, 1]
+    # split by star; apStar rows 1 (the all-zero one of CALIBRATED_STAR among them) are never loaded, its row 0 is the
+    # test split
+    assert [len(rows) for rows in trained.split.values()] == [5, 1, 1]
     stats = yaml.safe_load((out / "stats.yaml").read_text())
     assert list(stats) == list(targets)  # the names and order the family's loader de-normalises with
     info = yaml.safe_load((out / "catalogbuilder.yaml").read_text())
-    assert info["family"] == family and info["grid"] == "apogee" and info["training"]["n_train"] == 6
+    assert info["family"] == family and info["grid"] == "apogee" and info["training"]["n_train"] == 5
     assert yaml.safe_load((out / "model_args.yaml").read_text()) == {"dropout": pytest.approx(0.07646)}
     assert sorted(p.name for p in out.glob("model_chunk_*")) == [f"model_chunk_{i}" for i in range(10)]
     report = json.loads((out / "training_report" / "report.json").read_text())
-    assert report["provenance"]["spectra_matched"] == 9
+    assert report["provenance"]["spectra_matched"] == 7  # 9 stored, apStar rows 1 never used
     assert set(trained.test_metrics) == {"teff", "logg"}  # the test star has no [Fe/H]: nothing to score
 
 
@@ -169,11 +169,11 @@ def test_nan_labels_are_masked_and_seed_reproduces(apogee_store: Path, label_tab
     validation_star = "2M01183798+8403419"
     split = {"train": np.flatnonzero(ids != validation_star), "validation": np.flatnonzero(ids == validation_star),
              "test": np.array([], dtype=int)}
-    family = network_family("apogeenet1")
+    family = network_family("apogeenet1").architecture()
     runs = [train_network(family, flux, error, ids, labels, split=split, seed=3, **TRAINING) for _ in range(2)]
     trained = runs[0]
-    zero_row = np.flatnonzero(~np.nan_to_num(flux).any(axis=1))
-    assert len(zero_row) == 1 and zero_row[0] not in trained.split["train"]  # no data: left out
+    assert np.nan_to_num(flux).any(axis=1).all()  # apStar rows 1 (one of them all zero) are not training inputs
+    assert len(coords) == 7 and "combined-alt" not in set(coords["kind"])
     assert CALIBRATED_STAR in set(ids[trained.split["train"]])  # its NaN [Fe/H] is in the training set...
     fe_h = labels["fe_h"].to_numpy()[trained.split["train"]]
     assert np.isnan(fe_h).sum() == 1
@@ -202,6 +202,7 @@ def test_train_command_family_option(apogee_store: Path, label_table: Path, cros
         ([*common, "--family", "apogeenet1", "--grid", "optical"], "optical"),
         (["train", "--family", "photometric", "--store", str(apogee_store)], "--store is not used"),
         (["train", "--family", "photometric", "--apokasc", "x.fits"], "needs --gaia"),
+        (["train", "--family", "apogeenet3", "--training-set", "x.npz"], "cannot train family 'apogeenet3'"),
     ]
     for argv, message in failures:
         assert cli_main([*argv, "--out", str(bad)]) == 2, argv

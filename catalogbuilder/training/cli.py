@@ -1,5 +1,6 @@
-"""``catalogbuilder train``: train any network family — BossNet, APOGEE Net I/II on a spectrum store joined to a label
-table, or the photometric MLP (dispatched to :mod:`catalogbuilder.photometric.train`)."""
+"""``catalogbuilder train``: train any registered network family — BossNet, APOGEE Net I/II on a spectrum store joined
+to a label table or on a built training set, or the photometric MLP (dispatched to
+:mod:`catalogbuilder.photometric.train`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,37 +11,21 @@ from typing import Any
 from catalogbuilder.constants import GRIDS
 
 DEFAULT_LABEL_COLUMNS = "teff=TEFF,logg=LOGG,fe_h=FE_H"
-PHOTOMETRIC_FAMILY = "photometric"
-SPECTRAL_FAMILIES: tuple[str, ...] = ("bossnet", "apogeenet1", "apogeenet2")  # trained on store spectra
-FAMILIES: tuple[str, ...] = (*SPECTRAL_FAMILIES, PHOTOMETRIC_FAMILY)
+PHOTOMETRIC_FAMILY = "photometric"  # trained on tables by catalogbuilder.photometric.train, not on spectra
 
-# Options that only some families read (argparse dest → families); giving one to another family is an error, so a
-# misspelt family never silently trains something else. Their defaults are None and resolved per family below.
-FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "store": SPECTRAL_FAMILIES,
-    "labels": SPECTRAL_FAMILIES,
-    "config": SPECTRAL_FAMILIES,
-    "label_columns": SPECTRAL_FAMILIES,
-    "join_on": SPECTRAL_FAMILIES,
-    "label_key": SPECTRAL_FAMILIES,
-    "grid": SPECTRAL_FAMILIES,
-    "kind": SPECTRAL_FAMILIES,
-    "description": SPECTRAL_FAMILIES,
-    "epochs": SPECTRAL_FAMILIES,
-    "samples_per_epoch": SPECTRAL_FAMILIES,
-    "device": SPECTRAL_FAMILIES,
-    "photometry": ("apogeenet2",),
-    "apokasc": (PHOTOMETRIC_FAMILY,),
-    "gaia": (PHOTOMETRIC_FAMILY,),
-    "epochs_mae": (PHOTOMETRIC_FAMILY,),
-    "epochs_smape": (PHOTOMETRIC_FAMILY,),
+# Options that only some kinds of family read (argparse dest → kind): ``spectra`` for the families registered with
+# training facts (catalogbuilder.models registry), ``metadata`` for those of them with extra photometry inputs,
+# ``photometric`` for the photometric MLP. Giving one to another family is an error, so a misspelt family never
+# silently trains something else. Their defaults are None and resolved per family below.
+FAMILY_OPTIONS: dict[str, str] = {
+    **{dest: "spectra" for dest in ("store", "labels", "training_set", "config", "label_columns", "join_on",
+                                    "label_key", "grid", "kind", "description", "epochs", "samples_per_epoch",
+                                    "device")},
+    "photometry": "metadata",
+    **{dest: PHOTOMETRIC_FAMILY for dest in ("apokasc", "gaia", "epochs_mae", "epochs_smape")},
 }
-REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {
-    "bossnet": ("store", "labels", "config"),
-    "apogeenet1": ("store", "labels"),
-    "apogeenet2": ("store", "labels"),
-    PHOTOMETRIC_FAMILY: ("apokasc", "gaia"),
-}
+STORE_ONLY_OPTIONS: tuple[str, ...] = ("store", "labels", "label_columns", "join_on", "label_key", "grid", "kind",
+                                       "photometry")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model_args.yaml, stats.yaml, model_chunk_0..9, catalogbuilder.yaml and training_report/ into --out. "
         "--family photometric trains the photometric MLP on APOKASC x Gaia (as `catalogbuilder photometric-train`).",
     )
-    parser.add_argument("--family", choices=FAMILIES, default="bossnet", help="network family (default bossnet)")
+    parser.add_argument("--family", default="bossnet",
+                        help="network family registered in catalogbuilder.models: bossnet (default), apogeenet1, "
+                        "apogeenet2 (trained on spectra) or photometric (trained on photometry tables)")
     parser.add_argument("--out", required=True, help="output model directory")
     parser.add_argument("--name", default=None, help="model name in catalogbuilder.yaml (default: --out's basename)")
     parser.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default 32; photometric 128)")
@@ -67,9 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; "
                         "photometric 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    spectral = parser.add_argument_group("spectral families (bossnet, apogeenet1, apogeenet2)")
-    spectral.add_argument("--store", help="spectrum store directory (catalogbuilder ingest)")
+    spectral = parser.add_argument_group("families trained on spectra (bossnet, apogeenet1, apogeenet2)")
+    spectral.add_argument("--store", help="spectrum store directory (catalogbuilder ingest); with --labels")
     spectral.add_argument("--labels", help="label table: .fits, .csv or .parquet")
+    spectral.add_argument("--training-set", metavar="NPZ",
+                          help="instead of --store/--labels: a training set built by catalogbuilder.training.sources "
+                          "(spectra on a model grid, labels and a fixed train/validation/test split)")
     spectral.add_argument("--config", help="model_args.yaml: the BossNet constructor arguments (required for bossnet); "
                           "for apogeenet1/2 optional, it may only set dropout (the architecture is fixed)")
     spectral.add_argument("--photometry", metavar="PARQUET",
@@ -100,14 +90,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def check_family_options(args: argparse.Namespace) -> None:
-    """``ValueError`` naming the first option that ``args.family`` does not read, or a missing required one."""
-    for dest, families in FAMILY_OPTIONS.items():
-        if getattr(args, dest) is not None and args.family not in families:
+def check_family_options(args: argparse.Namespace) -> str:
+    """The kind of ``args.family`` (``spectra`` or ``photometric``); ``ValueError`` naming an unknown family, the first
+    option the family does not read, or a missing required one."""
+    from catalogbuilder.models.registry import network_family, registered_families
+
+    family = network_family(args.family) if args.family in registered_families() else None
+    if family is None or not (family.trains_on_spectra or family.name == PHOTOMETRIC_FAMILY):
+        raise ValueError(f"cannot train family {args.family!r}; trainable families: "
+                         f"{registered_families(trains_on_spectra=True) + [PHOTOMETRIC_FAMILY]}")
+    kinds = {"spectra"} | ({"metadata"} if family.metadata_width else set()) if family.trains_on_spectra \
+        else {PHOTOMETRIC_FAMILY}
+    for dest, kind in FAMILY_OPTIONS.items():
+        if getattr(args, dest) is not None and kind not in kinds:
             raise ValueError(f"--{dest.replace('_', '-')} is not used by --family {args.family}")
-    for dest in REQUIRED_OPTIONS[args.family]:
+    if family.name == PHOTOMETRIC_FAMILY:
+        required = ("apokasc", "gaia")
+    elif args.training_set is not None:
+        given = [dest for dest in STORE_ONLY_OPTIONS if getattr(args, dest) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} belongs to training from a store; a --training-set "
+                             "holds its spectra, labels and split")
+        required = ()
+    else:
+        required = ("store", "labels")
+    for dest in required:
         if getattr(args, dest) is None:
-            raise ValueError(f"--family {args.family} needs --{dest.replace('_', '-')}")
+            raise ValueError(f"--family {args.family} needs --{dest.replace('_', '-')}"
+                             + (" (or --training-set)" if dest in ("store", "labels") else ""))
+    return "spectra" if family.trains_on_spectra else PHOTOMETRIC_FAMILY
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -116,17 +127,24 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 
 
 def run_spectral(args: argparse.Namespace) -> int:
-    """Train bossnet / apogeenet1 / apogeenet2 from a store; prints the directory, checksum and test metrics."""
+    """Train a family on spectra, from a store + labels or from a training set; prints the directory, checksum and
+    test metrics."""
     from catalogbuilder.training.data import parse_label_columns
-    from catalogbuilder.training.train import train_from_store
+    from catalogbuilder.training.train import train_from_set, train_from_store
 
-    trained = train_from_store(
-        args.store, args.labels, args.config, args.out, parse_label_columns(args.label_columns or DEFAULT_LABEL_COLUMNS),
-        join_on=args.join_on or "source_id", key_column=args.label_key, grid=args.grid, kind=args.kind or "all",
-        name=args.name, description=args.description or "", family=args.family, photometry=args.photometry,
-        progress=not args.no_progress,
-        **_given(args, "epochs", "seed", "device", "batch_size", "samples_per_epoch", "learning_rate", "patience"),
-    )
+    training = dict(progress=not args.no_progress,
+                    **_given(args, "epochs", "seed", "device", "batch_size", "samples_per_epoch", "learning_rate",
+                             "patience"))
+    if args.training_set is not None:
+        trained = train_from_set(args.training_set, args.config, args.out, family=args.family, name=args.name,
+                                 description=args.description or "", **training)
+    else:
+        trained = train_from_store(
+            args.store, args.labels, args.config, args.out,
+            parse_label_columns(args.label_columns or DEFAULT_LABEL_COLUMNS), join_on=args.join_on or "source_id",
+            key_column=args.label_key, grid=args.grid, kind=args.kind or "all", name=args.name,
+            description=args.description or "", family=args.family, photometry=args.photometry, **training,
+        )
     print(f"{args.family} model written to {args.out} (weights_sha256 {trained.weights_sha256})")
     print(f"best epoch {trained.history.best_epoch}: validation loss {trained.history.best_val_loss:.4f} "
           f"(start {trained.history.initial_val_loss:.4f})")
@@ -136,8 +154,8 @@ def run_spectral(args: argparse.Namespace) -> int:
 
 
 def run_photometric(args: argparse.Namespace) -> int:
-    """Train the photometric MLP with :func:`catalogbuilder.photometric.train.train_demo` (its own MAE → SMAPE loop);
-    prints the test scores next to the predict-the-mean baseline as JSON."""
+    """Train the photometric MLP with :func:`catalogbuilder.photometric.train.train_demo` (MAE → SMAPE through the
+    training loop :func:`catalogbuilder.training.train.fit`); prints the test scores next to the predict-the-mean baseline as JSON."""
     from pathlib import Path
 
     from catalogbuilder.photometric.train import TrainingSettings, train_demo
@@ -155,10 +173,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     try:
-        check_family_options(args)
-        if args.threads and args.family != PHOTOMETRIC_FAMILY:  # the photometric trainer sets its own
+        kind = check_family_options(args)
+        if args.threads and kind != PHOTOMETRIC_FAMILY:  # the photometric trainer sets its own
             torch.set_num_threads(args.threads)
-        return run_photometric(args) if args.family == PHOTOMETRIC_FAMILY else run_spectral(args)
+        return run_photometric(args) if kind == PHOTOMETRIC_FAMILY else run_spectral(args)
     except (ValueError, KeyError, FileNotFoundError) as error:  # bad inputs: a one-line reason, no traceback
-        print(f"catalogbuilder train: error: {error.args[0] if error.args else error}", file=sys.stderr)
+        print(f"catalogbuilder train: {error.args[0] if error.args else error}", file=sys.stderr)
         return 2

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from astropy.table import Table
 
-from catalogbuilder.constants import BOSSNET_PARAMS_BOSS
+from catalogbuilder.tables import as_measured, read_table
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +23,7 @@ CANONICAL_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h", "rv")
 TARGET_SOURCE: dict[str, str] = {"logg": "logg", "logTeff": "teff", "Teff": "teff", "FeH": "fe_h", "rv": "rv"}
 JOIN_MODES: tuple[str, ...] = ("source_id", "file")
 DEFAULT_KEY_COLUMN: dict[str, str] = {"source_id": "source_id", "file": "filename"}
-DEFAULT_MISSING_VALUE: float = -9999.0
 SPLIT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
-
-
-def bossnet_targets(num_targets: int) -> tuple[str, ...]:
-    """Target names of a BossNet-family model with ``num_targets`` outputs (3: APOGEE order, 4: BOSS order with rv)."""
-    if num_targets not in (3, 4):
-        raise ValueError(f"BossNet-family models have 3 or 4 targets, got {num_targets}")
-    return BOSSNET_PARAMS_BOSS[:num_targets]
 
 
 def parse_label_columns(spec: str) -> dict[str, str]:
@@ -51,17 +42,9 @@ def parse_label_columns(spec: str) -> dict[str, str]:
     return mapping
 
 
-def read_label_table(path: str | Path) -> Table:
-    """Read a FITS, CSV or Parquet label table with astropy (format from the file name)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label table {path} not found")
-    suffixes = "".join(path.suffixes).lower()
-    if suffixes.endswith((".csv", ".csv.gz")):
-        return Table.read(path, format="ascii.csv")
-    if suffixes.endswith(".parquet"):
-        return Table.read(path, format="parquet")
-    return Table.read(path)
+def read_label_table(path: str | Path) -> pd.DataFrame:
+    """A label table (any format :func:`catalogbuilder.tables.read_table` reads: FITS, CSV, Parquet, ...)."""
+    return read_table(path)
 
 
 def _file_key(name: str) -> str:
@@ -70,25 +53,24 @@ def _file_key(name: str) -> str:
     return base[:-3] if base.endswith(".gz") else base
 
 
-def _label_column(table: Table, column: str, missing_value: float | None) -> np.ndarray:
-    """A label column as float64 with masked entries, non-finite values and the missing sentinel turned into NaN."""
-    if column not in table.colnames:
-        raise KeyError(f"label column {column!r} not in the table (columns: {', '.join(table.colnames)})")
-    col = table[column]
-    values = np.ma.filled(np.ma.asarray(col, dtype=float), np.nan).astype(float)
+def _label_column(table: pd.DataFrame, column: str, missing_value: float | None) -> np.ndarray:
+    """A label column as float64, NaN where missing: the missing-value policy of :mod:`catalogbuilder.tables`
+    (null, non-finite, ≤ −999) and, when given, the table's own ``missing_value``."""
+    if column not in table.columns:
+        raise KeyError(f"label column {column!r} not in the table (columns: {', '.join(map(str, table.columns))})")
+    values = as_measured(table[column])
     if missing_value is not None:
         values[values == missing_value] = np.nan
-    values[~np.isfinite(values)] = np.nan
     return values
 
 
 def join_labels(
     spectra: pd.DataFrame,
-    table: Table,
+    table: pd.DataFrame,
     label_columns: Mapping[str, str],
     join_on: str = "source_id",
     key_column: str | None = None,
-    missing_value: float | None = DEFAULT_MISSING_VALUE,
+    missing_value: float | None = None,
 ) -> pd.DataFrame:
     """Labels for each spectrum row, in the row order of ``spectra``.
 
@@ -97,15 +79,16 @@ def join_labels(
     (stripped strings); ``file``: the table's ``key_column`` (default ``filename``) equals the spectrum file's base name,
     a trailing ``.gz`` ignored on both sides. Several spectra may share a label row (visits of one star); two label
     rows with one key are ambiguous and raise ``ValueError``. Returns the canonical label columns (NaN where missing)
-    plus ``matched`` (bool); unmatched spectra keep NaN labels and are left out of training by the caller.
+    plus ``matched`` (bool); unmatched spectra keep NaN labels and are left out of training by the caller. A label is
+    missing by the policy of :mod:`catalogbuilder.tables` (null, non-finite, ≤ −999) or where it equals the table's
+    own ``missing_value`` placeholder.
     """
     if join_on not in JOIN_MODES:
         raise ValueError(f"join_on must be one of {JOIN_MODES}, got {join_on!r}")
     key_column = key_column or DEFAULT_KEY_COLUMN[join_on]
-    if key_column not in table.colnames:
-        raise KeyError(f"key column {key_column!r} not in the label table (columns: {', '.join(table.colnames)})")
-    raw_keys = np.ma.filled(np.ma.asarray(table[key_column]).astype(str), "")
-    table_keys = pd.Series([str(value).strip() for value in raw_keys])
+    if key_column not in table.columns:
+        raise KeyError(f"key column {key_column!r} not in the label table (columns: {', '.join(map(str, table.columns))})")
+    table_keys = table[key_column].astype(str).where(table[key_column].notna(), "").str.strip().reset_index(drop=True)
     if join_on == "file":
         table_keys = table_keys.map(_file_key)
         spectrum_keys = spectra["file_path"].astype(str).map(_file_key)
@@ -190,13 +173,3 @@ def split_by_star(
         raise ValueError(f"{n_stars} stars are too few for a train/validation/test split")
     groups = (stars[:n_train], stars[n_train : n_train + n_val], stars[n_train + n_val :])
     return tuple(np.flatnonzero(np.isin(ids, group)) for group in groups)  # type: ignore[return-value]
-
-
-def kfold_by_star(source_ids: Sequence[str], folds: int, seed: int = 0) -> list[np.ndarray]:
-    """Row indices of ``folds`` disjoint test folds, each holding whole stars (for cross-validated metrics)."""
-    ids = np.asarray(source_ids, dtype=str)
-    stars = np.unique(ids)
-    if not 2 <= folds <= len(stars):
-        raise ValueError(f"need 2 <= folds <= number of stars ({len(stars)}), got {folds}")
-    np.random.default_rng(seed).shuffle(stars)
-    return [np.flatnonzero(np.isin(ids, group)) for group in np.array_split(stars, folds)]

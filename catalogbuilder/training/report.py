@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from catalogbuilder.training.train import History  # noqa: E402
+if TYPE_CHECKING:  # the loss record train.fit returns; train imports this module (no circle at run time)
+    from catalogbuilder.training.train import History
 
 UNITS: dict[str, str] = {"teff": "K", "logg": "dex", "fe_h": "dex", "rv": "km/s"}
 
@@ -93,3 +95,25 @@ def write_report(out_dir: str | Path, history: History, predicted: Mapping[str, 
     content = {"history": history.to_dict(), "test_metrics": dict(metrics), **dict(extra or {})}
     (out_dir / "report.json").write_text(json.dumps(content, indent=2, default=float))
     return out_dir
+
+
+def plot_kiel(truth: pd.DataFrame | Mapping[str, np.ndarray], predicted: Mapping[str, np.ndarray], path: str | Path,
+              marked: Mapping[str, tuple[float, float]] | None = None) -> None:
+    """PNG of the Teff–log g plane: left the labels, right the predictions (colour [Fe/H] of the labels), both with the
+    usual reversed axes; ``marked``: name → (Teff K, log g) points drawn on the right panel (e.g. real stars)."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharex=True, sharey=True)
+    colour = np.asarray(truth["fe_h"], dtype=float)
+    for axis, values, title in ((axes[0], truth, "labels"), (axes[1], predicted, "predicted")):
+        points = axis.scatter(np.asarray(values["teff"], dtype=float), np.asarray(values["logg"], dtype=float), s=6,
+                              c=colour, cmap="viridis", vmin=-2.5, vmax=0.5)
+        axis.set_title(f"{title} (n={len(colour)})")
+        axis.set_xlabel("Teff [K]")
+    for name, (teff, logg) in (marked or {}).items():
+        axes[1].scatter([teff], [logg], marker="*", s=180, color="red", edgecolor="black", zorder=3)
+        axes[1].annotate(name, (teff, logg), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    axes[0].set_ylabel("log g [dex]")
+    axes[0].invert_xaxis()
+    axes[0].invert_yaxis()
+    figure.colorbar(points, ax=axes, label="[Fe/H] of the label")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -6,7 +6,8 @@ only (a missing label, NaN, is masked out); optimiser Adamax; early stopping on 
 epochs, restoring the best weights.
 
 :func:`train_network` adds what BOSS Net does (Sizemore et al. 2024) for every spectral family — BossNet (APOGEE
-Net III, BOSS Net) and APOGEE Net I/II, described by a :class:`NetworkFamily`: 80/10/10 split by star, z-score stats
+Net III, BOSS Net) and APOGEE Net I/II, each described by the :class:`~catalogbuilder.models.registry.Architecture` of
+its registered :class:`~catalogbuilder.models.registry.NetworkFamily` (the object inference loads it with): 80/10/10 split by star, z-score stats
 from the training set, loss weights ∝ 1/KDE density in the standardised Teff–log g plane (cap 5, mean 1),
 augmentation by a fresh noise draw flux + error × N(0, 1) per epoch (errors capped as in the Monte-Carlo step) before
 the family's own input preprocessing, then :func:`write_model_dir` writes a directory ``load_model`` reads
@@ -21,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,12 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from catalogbuilder import __version__
-from catalogbuilder.constants import GRID_APOGEE
 from catalogbuilder.models import apogeenet
-from catalogbuilder.models.bossnet import BossNet, BossNetConfig
+from catalogbuilder.models.bossnet import BossNetConfig
 from catalogbuilder.models.montecarlo import canonical_outputs, cap_errors
 from catalogbuilder.models.preprocess import log_scale_flux, unnormalize
-from catalogbuilder.models.registry import MODEL_INFO_FILE
+from catalogbuilder.models.registry import MODEL_INFO_FILE, Architecture, network_family
 from catalogbuilder.models.weights import save_state_dict
 from catalogbuilder.training import data as tdata
 from catalogbuilder.training.kde import kde_weights
@@ -66,15 +66,42 @@ class BatchProvider(Protocol):
     def batches(self, epoch: int, augment: bool) -> Iterator[Batch]: ...
 
 
-def masked_weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Σ_i w_i Σ_t m_it (p_it − y_it)² / Σ_it m_it with m = isfinite(y): NaN targets contribute nothing.
+LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(prediction (B, T), target (B, T) with NaN = missing, weight (B,)) -> scalar``."""
 
-    Returns 0 (with a gradient path) when no target of the batch is finite.
-    """
-    mask = torch.isfinite(target)
-    residual = torch.where(mask, prediction - torch.nan_to_num(target), torch.zeros_like(prediction))
-    weighted = (residual**2).sum(dim=1) * weight
-    return weighted.sum() / mask.sum().clamp(min=1)
+
+def masked_weighted(elementwise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LossFunction:
+    """The loss Σ_i w_i Σ_t m_it e(p_it, y_it) / Σ_it m_it of an elementwise error e, m = isfinite(y): NaN targets
+    contribute nothing. It is 0 (with a gradient path) when no target of the batch is finite."""
+
+    def loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        mask = torch.isfinite(target)
+        error = torch.where(mask, elementwise(prediction, torch.nan_to_num(target)), torch.zeros_like(prediction))
+        return (error.sum(dim=1) * weight).sum() / mask.sum().clamp(min=1)
+
+    return loss
+
+
+masked_weighted_mse: LossFunction = masked_weighted(lambda prediction, target: (prediction - target) ** 2)
+masked_weighted_mae: LossFunction = masked_weighted(lambda prediction, target: (prediction - target).abs())
+
+
+def adamax(parameters: Iterable[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+    """Adamax, the optimiser of the BossNet family's training."""
+    return torch.optim.Adamax(parameters, lr=learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of a training schedule: ``epochs`` at most, its ``loss``, a fresh ``optimiser(parameters,
+    learning_rate)`` and, with ``cosine``, the learning rate annealed to 0 over the phase (stepped per epoch)."""
+
+    epochs: int
+    loss: LossFunction = masked_weighted_mse
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    optimiser: Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer] = adamax
+    cosine: bool = False
+    name: str = "train"
 
 
 @dataclasses.dataclass
@@ -99,8 +126,9 @@ class History:
         return {**dataclasses.asdict(self), "initial_val_loss": self.initial_val_loss, "best_val_loss": self.best_val_loss}
 
 
-def evaluate_loss(model: nn.Module, provider: BatchProvider, device: torch.device) -> float:
-    """Mean masked weighted MSE over every batch of ``provider`` (no augmentation, model in eval mode)."""
+def evaluate_loss(model: nn.Module, provider: BatchProvider, device: torch.device,
+                  loss: LossFunction = masked_weighted_mse) -> float:
+    """Mean ``loss`` per finite target over every batch of ``provider`` (no augmentation, model in eval mode)."""
     model.eval()
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -108,8 +136,7 @@ def evaluate_loss(model: nn.Module, provider: BatchProvider, device: torch.devic
             inputs = tuple(tensor.to(device) for tensor in batch.inputs)
             prediction = model(*inputs)
             n_finite = int(torch.isfinite(batch.targets).sum())
-            loss = masked_weighted_mse(prediction, batch.targets.to(device), batch.weights.to(device))
-            total += float(loss) * n_finite
+            total += float(loss(prediction, batch.targets.to(device), batch.weights.to(device))) * n_finite
             count += n_finite
     return total / count if count else math.nan
 
@@ -123,124 +150,77 @@ def fit(
     learning_rate: float = DEFAULT_LEARNING_RATE,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    schedule: Sequence[Phase] | None = None,
+    validation_loss: LossFunction = masked_weighted_mse,
+    min_improvement: float = 0.0,
 ) -> History:
-    """Train ``model`` with Adamax on the masked weighted MSE; stop after ``patience`` epochs without a lower validation
-    loss and leave the model holding the weights of the best trained epoch (≥ 1, in eval mode). The loss before
-    training is recorded as epoch 0 but never chosen: an untrained network is no result."""
-    if epochs < 1 or patience < 1:
-        raise ValueError(f"epochs and patience must be >= 1, got {epochs} and {patience}")
+    """The one training loop: train ``model`` through the phases of ``schedule`` (default: one phase of ``epochs``
+    with the masked weighted MSE and Adamax at ``learning_rate``), early stopping on ``validation_loss``.
+
+    A phase ends after ``patience`` epochs without a validation loss lower than the best so far by more than
+    ``min_improvement``; the next phase starts from the current weights with a fresh optimiser. The model ends holding
+    the weights of the best trained epoch (≥ 1, in eval mode). The loss before training is recorded as epoch 0 but
+    never chosen: an untrained network is no result.
+    """
+    schedule = list(schedule) if schedule is not None else [Phase(epochs, learning_rate=learning_rate)]
+    if patience < 1 or not schedule or min(phase.epochs for phase in schedule) < 1:
+        raise ValueError(f"every phase needs >= 1 epoch and patience must be >= 1, got "
+                         f"{[phase.epochs for phase in schedule]} and {patience}")
     device = torch.device(device)
     model.to(device)
-    optimiser = torch.optim.Adamax(model.parameters(), lr=learning_rate)
     history = History()
-    history.val_loss.append(evaluate_loss(model, validation, device))
+    history.val_loss.append(evaluate_loss(model, validation, device, validation_loss))
     history.train_loss.append(math.nan)
     history.seconds.append(0.0)
     best_state = copy.deepcopy(model.state_dict())
-    bar = tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress)
-    for epoch in bar:
-        start = time.perf_counter()
-        model.train()
-        total, count = 0.0, 0
-        for batch in train.batches(epoch=epoch, augment=True):
-            if len(batch.weights) < 2:  # BatchNorm cannot train on a single sample
-                continue
-            inputs = tuple(tensor.to(device) for tensor in batch.inputs)
-            loss = masked_weighted_mse(model(*inputs), batch.targets.to(device), batch.weights.to(device))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            n_finite = int(torch.isfinite(batch.targets).sum())
-            total += float(loss.detach()) * n_finite
-            count += n_finite
-        history.train_loss.append(total / count if count else math.nan)
-        history.val_loss.append(evaluate_loss(model, validation, device))
-        history.seconds.append(time.perf_counter() - start)
-        if epoch == 1 or history.val_loss[-1] < history.best_val_loss:
-            history.best_epoch = epoch
-            best_state = copy.deepcopy(model.state_dict())
-        bar.set_postfix(train=f"{history.train_loss[-1]:.4f}", val=f"{history.val_loss[-1]:.4f}",
-                        best=history.best_epoch)
-        log.debug("epoch %d: train loss %.4f, validation loss %.4f (%.0f s)", epoch, history.train_loss[-1],
-                  history.val_loss[-1], history.seconds[-1])
-        if epoch - history.best_epoch >= patience:
-            history.stopped_early = True
-            break
+    epoch = 0
+    bar = tqdm(total=sum(phase.epochs for phase in schedule), desc="training", unit="epoch", disable=not progress)
+    for phase in schedule:
+        optimiser = phase.optimiser(model.parameters(), phase.learning_rate)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=phase.epochs) if phase.cosine else None
+        phase_start = epoch
+        for _ in range(phase.epochs):
+            epoch += 1
+            start = time.perf_counter()
+            history.train_loss.append(_train_epoch(model, train, epoch, optimiser, phase.loss, device))
+            if scheduler is not None:
+                scheduler.step()
+            history.val_loss.append(evaluate_loss(model, validation, device, validation_loss))
+            history.seconds.append(time.perf_counter() - start)
+            if epoch == 1 or history.val_loss[-1] < history.best_val_loss - min_improvement:
+                history.best_epoch = epoch
+                best_state = copy.deepcopy(model.state_dict())
+            bar.update()
+            bar.set_postfix(phase=phase.name, train=f"{history.train_loss[-1]:.4f}", val=f"{history.val_loss[-1]:.4f}",
+                            best=history.best_epoch)
+            log.info("epoch %d (%s): train loss %.4f, validation loss %.4f (%.0f s)", epoch, phase.name,
+                      history.train_loss[-1], history.val_loss[-1], history.seconds[-1])
+            if epoch - max(history.best_epoch, phase_start) >= patience:
+                history.stopped_early = True
+                break
+    bar.close()
     model.load_state_dict(best_state)
     model.eval()
     return history
 
 
-def raw_flux(flux: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """APOGEE Net I/II input: the raw flux (float32), NaN and ±inf → 0, nothing else (Olney 2020 §3.1)."""
-    return torch.nan_to_num(torch.as_tensor(flux, dtype=torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkFamily:
-    """What differs between the spectral families in training; everything else is one code path.
-
-    ``name``: the family written to ``catalogbuilder.yaml``; ``targets``: network outputs in order (the ``stats.yaml``
-    keys the family's loader de-normalises with); ``build``: a fresh untrained network; ``preprocess``: flux rows on
-    the model grid → network input; ``metadata_width``: extra per-spectrum inputs (Net II photometry, 7) or 0;
-    ``grid``: the only grid it runs on (None: any); ``write_args``: writes ``model_args.yaml`` into a directory.
-    """
-
-    name: str
-    targets: tuple[str, ...]
-    build: Callable[[], nn.Module]
-    preprocess: Callable[[torch.Tensor | np.ndarray], torch.Tensor]
-    write_args: Callable[[Path], None]
-    metadata_width: int = 0
-    grid: str | None = None
-
-
-BOSSNET_FAMILY = "bossnet"
-SPECTRAL_FAMILIES: tuple[str, ...] = (BOSSNET_FAMILY, apogeenet.FAMILY_NET1, apogeenet.FAMILY_NET2)
-
-
-def bossnet_family(config: BossNetConfig) -> NetworkFamily:
-    """BossNet family (APOGEE Net III, BOSS Net): log-scaled clipped flux → ``logg, logTeff, FeH[, rv]``."""
-    return NetworkFamily(BOSSNET_FAMILY, tdata.bossnet_targets(config.num_targets), lambda: BossNet(config),
-                         log_scale_flux, config.to_yaml)
-
-
-def apogeenet_family(family: str, dropout: float = apogeenet.DEFAULT_DROPOUT) -> NetworkFamily:
-    """APOGEE Net I (``apogeenet1``: ``logg, Teff, FeH``) or II (``apogeenet2``: ``logg, logTeff, FeH`` + the 7
-    photometry inputs): the published fixed architecture on raw apStar flux; only the dropout is free."""
-    if family not in (apogeenet.FAMILY_NET1, apogeenet.FAMILY_NET2):
-        raise ValueError(f"not an APOGEE Net family: {family!r}")
-    with_metadata = family == apogeenet.FAMILY_NET2
-
-    def write_args(directory: Path) -> None:
-        (Path(directory) / "model_args.yaml").write_text(yaml.safe_dump({"dropout": float(dropout)}))
-
-    return NetworkFamily(
-        family, apogeenet.NET2_LABELS if with_metadata else apogeenet.NET1_LABELS,
-        lambda: apogeenet.ApogeeNetCNN(with_metadata, dropout=dropout), raw_flux, write_args,
-        metadata_width=len(apogeenet.METADATA_KEYS) if with_metadata else 0, grid=GRID_APOGEE,
-    )
-
-
-def network_family(family: str, config_path: str | Path | None = None) -> NetworkFamily:
-    """The :class:`NetworkFamily` of a family name. ``config_path``: a ``model_args.yaml`` — required for ``bossnet``
-    (its constructor arguments); optional for APOGEE Net, where it may only set ``dropout``."""
-    if family == BOSSNET_FAMILY:
-        if config_path is None:
-            raise ValueError("the bossnet family needs --config (model_args.yaml with the BossNet constructor arguments)")
-        return bossnet_family(BossNetConfig.from_yaml(config_path))
-    if family not in SPECTRAL_FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {SPECTRAL_FAMILIES}")
-    if config_path is None:
-        return apogeenet_family(family)
-    path = Path(config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found")
-    arguments = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(arguments, dict) or set(arguments) - {"dropout"}:
-        raise ValueError(f"{path}: the {family} architecture is fixed; its config may only set dropout, "
-                         f"got {arguments!r}")
-    return apogeenet_family(family, float(arguments.get("dropout", apogeenet.DEFAULT_DROPOUT)))
+def _train_epoch(model: nn.Module, train: BatchProvider, epoch: int, optimiser: torch.optim.Optimizer,
+                 loss_function: LossFunction, device: torch.device) -> float:
+    """One pass over ``train``'s augmented batches; returns the mean loss per finite target."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in train.batches(epoch=epoch, augment=True):
+        if len(batch.weights) < 2:  # BatchNorm cannot train on a single sample
+            continue
+        inputs = tuple(tensor.to(device) for tensor in batch.inputs)
+        loss = loss_function(model(*inputs), batch.targets.to(device), batch.weights.to(device))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        n_finite = int(torch.isfinite(batch.targets).sum())
+        total += float(loss.detach()) * n_finite
+        count += n_finite
+    return total / count if count else math.nan
 
 
 class SpectraBatches:
@@ -321,13 +301,14 @@ class TrainedModel:
     """What :func:`train_network` produced: the network, its stats and split, the history and the test metrics."""
 
     model: nn.Module
-    family: NetworkFamily
+    family: Architecture
     stats: dict[str, tuple[float, float]]
     history: History
     split: dict[str, np.ndarray]  # "train"/"validation"/"test" row indices into the labelled spectra
     test_metrics: dict[str, dict[str, float]]
     test_predicted: dict[str, np.ndarray]  # canonical predictions of the test rows
     test_labels: pd.DataFrame  # their canonical labels
+    train_label_means: dict[str, float] = dataclasses.field(default_factory=dict)  # the predict-the-mean baseline
     weights_sha256: str | None = None
 
     @property
@@ -344,7 +325,7 @@ def rows_with_data(flux: np.ndarray, block: int = 4096) -> np.ndarray:
 
 
 def train_network(
-    family: NetworkFamily,
+    family: Architecture,
     flux: np.ndarray,
     error: np.ndarray,
     source_ids: Sequence[str],
@@ -411,22 +392,23 @@ def train_network(
     test_rows = split["test"]
     metrics: dict[str, dict[str, float]] = {}
     predicted: dict[str, np.ndarray] = {}
+    train_mean = {name: float(np.nanmean(train_labels[name])) for name in tdata.CANONICAL_LABELS
+                  if name in train_labels and np.isfinite(train_labels[name]).any()}
     if len(test_rows):
         from catalogbuilder.training.report import residual_metrics
 
         predicted = predict_labels(model, flux[test_rows], family.targets, stats, device,
                                    preprocess=family.preprocess,
                                    metadata=None if metadata is None else metadata[test_rows])
-        train_mean = {name: float(np.nanmean(train_labels[name])) for name in predicted}
         metrics = residual_metrics(predicted, labels.iloc[test_rows], train_mean)
     return TrainedModel(model, family, stats, history, split, metrics, predicted,
-                        labels.iloc[test_rows].reset_index(drop=True))
+                        labels.iloc[test_rows].reset_index(drop=True), train_mean)
 
 
 def train_bossnet(flux: np.ndarray, error: np.ndarray, source_ids: Sequence[str], labels: pd.DataFrame,
                   config: BossNetConfig, **training: Any) -> TrainedModel:
     """:func:`train_network` for a BossNet-family model of ``config`` (``training``: its keyword arguments)."""
-    return train_network(bossnet_family(config), flux, error, source_ids, labels, **training)
+    return train_network(network_family("bossnet").with_arguments(config), flux, error, source_ids, labels, **training)
 
 
 def write_model_dir(
@@ -464,6 +446,7 @@ def write_model_dir(
         "best_epoch": trained.history.best_epoch,
         "epochs_run": len(trained.history.val_loss) - 1,
         "best_val_loss": trained.history.best_val_loss,
+        "train_label_means": trained.train_label_means,
         "test_metrics": trained.test_metrics,
         **dict(provenance or {}),
     }
@@ -476,35 +459,32 @@ SPECTRUM_KINDS: tuple[str, ...] = ("all", "combined", "visit")
 
 def load_store_spectra(store_path: str | Path, grid: str | None = None,
                        kind: str = "all") -> tuple[str, np.ndarray, np.ndarray, pd.DataFrame]:
-    """(grid, flux, error, per-spectrum coordinates) of a spectrum store, loaded into memory.
+    """(grid, flux, error, per-spectrum columns) of the active spectra of a store, loaded into memory.
 
     ``grid`` None picks the store's only non-empty grid (``ValueError`` when it holds both). ``kind`` keeps
-    ``combined`` or ``visit`` spectra only. Non-finite flux/error are kept: preprocessing floors them. The coordinates
-    are ``spectrum_id, source_id, file_path, kind`` plus the file headers' 2MASS ``tmass_j/h/k`` (mag) where the store
-    has them.
+    ``combined`` or ``visit`` spectra only (apStar row 1 is never used). Non-finite flux/error are kept:
+    preprocessing floors them. The columns are ``spectrum_id, source_id, file_path, kind`` plus the file headers'
+    2MASS ``tmass_j/h/k`` (mag).
     """
-    from catalogbuilder.constants import GRIDS
-    from catalogbuilder.inference.photometry import header_photometry
-    from catalogbuilder.store.spectra import SpectrumStore
+    from catalogbuilder.constants import PREDICTED_KINDS
+    from catalogbuilder.inference.photometry import HEADER_KEYS
+    from catalogbuilder.store import SpectrumStore
 
     if kind not in SPECTRUM_KINDS:
         raise ValueError(f"kind must be one of {SPECTRUM_KINDS}, got {kind!r}")
     store = SpectrumStore.open(store_path)
     if grid is None:
-        present = [name for name in GRIDS if store.dataset(name) is not None]
+        present = store.grids()
         if len(present) != 1:
             raise ValueError(f"store {store_path} holds grids {present}; choose one with --grid")
         grid = present[0]
-    dataset = store.dataset(grid)
-    if dataset is None:
-        raise ValueError(f"store {store_path} holds no spectra on the {grid!r} grid")
-    if kind != "all":
-        dataset = dataset.isel(spectrum=np.flatnonzero(dataset["kind"].values.astype(str) == kind))
-    if dataset.sizes["spectrum"] == 0:
-        raise ValueError(f"store {store_path} holds no {kind} spectra on the {grid!r} grid")
-    coords = pd.DataFrame({name: dataset[name].values for name in ("spectrum_id", "source_id", "file_path", "kind")})
-    coords = pd.concat([coords, header_photometry(dataset)], axis=1)
-    return grid, dataset["flux"].values.astype(np.float32), dataset["error"].values.astype(np.float32), coords
+    columns = store.columns(grid, ("spectrum_id", "source_id", "file_path", "kind", "active", *HEADER_KEYS))
+    keep = columns["active"].astype(bool) & columns["kind"].isin(PREDICTED_KINDS if kind == "all" else (kind,))
+    if not keep.any():
+        raise ValueError(f"store {store_path} holds no active {kind} spectra on the {grid!r} grid")
+    pixels = store.pixels(grid, np.flatnonzero(keep.to_numpy()))
+    coords = columns.loc[keep].drop(columns="active").reset_index(drop=True)
+    return grid, pixels["flux"].astype(np.float32), pixels["error"].astype(np.float32), coords
 
 
 def store_metadata(photometry: str | Path | None, coords: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -535,22 +515,21 @@ def train_from_store(
     description: str = "",
     domain: Mapping[str, Sequence[float]] | None = None,
     extra_provenance: Mapping[str, Any] | None = None,
-    family: str = BOSSNET_FAMILY,
+    family: str = "bossnet",
     photometry: str | Path | None = None,
     **training: Any,
 ) -> TrainedModel:
     """The ``catalogbuilder train`` command: store spectra ⋈ label table → trained model directory + report.
 
-    ``family``: one of :data:`SPECTRAL_FAMILIES`; ``config_path`` as in :func:`network_family`. ``photometry``: for
+    ``family``: a family that trains on spectra (``registered_families(trains_on_spectra=True)``); ``config_path``: its
+    ``model_args.yaml`` (required for bossnet; APOGEE Net may only set dropout). ``photometry``: for
     ``apogeenet2``, the crossmatch Parquet table (see :func:`store_metadata`; None: header 2MASS only, Gaia imputed).
     ``training`` goes to :func:`train_network` (epochs, seed, device, batch_size, samples_per_epoch, learning_rate,
     patience, progress); ``extra_provenance`` entries are added to (or replace) the recorded training provenance.
     Spectra without a matching label row are left out (counted in the provenance); the star of a spectrum for the
     split is its ``source_id``. Every input is checked before training starts, and nothing is written on bad input.
     """
-    from catalogbuilder.training.report import write_report
-
-    spec = network_family(family, config_path)
+    spec = network_family(family).architecture(config_path)
     if photometry is not None and not spec.metadata_width:
         raise ValueError(f"the {family} family reads no photometry; drop --photometry")
     grid, flux, error, coords = load_store_spectra(store_path, grid or spec.grid, kind)
@@ -578,45 +557,67 @@ def train_from_store(
         provenance["photometry"] = str(Path(photometry).resolve()) if photometry is not None else "store header 2MASS"
         provenance["spectra_missing_photometry"] = int(missing_photometry[matched].sum())
     provenance.update(extra_provenance or {})
-    write_model_dir(trained, out_dir, grid, name or out_dir.name, description, domain, provenance)
-    write_report(out_dir / "training_report", trained.history, trained.test_predicted, trained.test_labels,
-                 trained.test_metrics, {"provenance": provenance, "weights_sha256": trained.weights_sha256})
+    write_trained(trained, out_dir, grid, name or out_dir.name, description, domain, provenance)
     return trained
 
 
-def cross_validate(
-    flux: np.ndarray,
-    error: np.ndarray,
-    source_ids: Sequence[str],
-    labels: pd.DataFrame,
-    config: BossNetConfig,
-    folds: int = 5,
-    seed: int = 0,
-    **training: Any,
-) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
-    """K-fold cross-validation by star: each fold is the test set once, the other stars are split 8:1 into train and
-    validation (early stopping). Returns the out-of-fold predictions of every spectrum (canonical names, NaN for rows
-    without labels) and metrics against the labels, with the baseline of predicting each training fold's mean.
-    ``training`` goes to :func:`train_bossnet`."""
-    source_ids = np.asarray(source_ids, dtype=str)
-    targets_names = tdata.bossnet_targets(config.num_targets)
-    predicted = {tdata.TARGET_SOURCE[name]: np.full(len(flux), np.nan) for name in targets_names}
-    baseline = {name: np.full(len(flux), np.nan) for name in predicted}
-    for fold, test_rows in enumerate(tdata.kfold_by_star(source_ids, folds, seed)):
-        rest = np.setdiff1d(np.arange(len(flux)), test_rows)
-        train_part, val_part, _ = tdata.split_by_star(source_ids[rest], (8 / 9, 1 / 9, 0.0), seed + fold)
-        split = {"train": rest[train_part], "validation": rest[val_part], "test": test_rows}
-        trained = train_bossnet(flux, error, source_ids, labels, config, seed=seed + fold, split=split, **training)
-        for name in predicted:
-            predicted[name][trained.split["test"]] = trained.test_predicted[name]
-            baseline[name][trained.split["test"]] = np.nanmean(labels[name].to_numpy(float)[split["train"]])
-        log.info("fold %d/%d: best epoch %d, test %s", fold + 1, folds, trained.history.best_epoch,
-                 {name: round(metric["rms"], 3) for name, metric in trained.test_metrics.items()})
-    from catalogbuilder.training.report import residual_metrics
+def write_trained(trained: TrainedModel, out_dir: Path, grid: str, name: str, description: str,
+                  domain: Mapping[str, Sequence[float]] | None, provenance: Mapping[str, Any]) -> None:
+    """:func:`write_model_dir` plus the training report (loss curves, test residuals, report.json) in
+    ``out_dir/training_report``."""
+    from catalogbuilder.training.report import write_report
 
-    metrics = residual_metrics(predicted, labels, {name: 0.0 for name in predicted})
-    for name, metric in metrics.items():
-        label = labels[name].to_numpy(float)
-        usable = np.isfinite(label) & np.isfinite(predicted[name])
-        metric["baseline_rms"] = float(np.sqrt(np.mean((baseline[name][usable] - label[usable]) ** 2)))
-    return predicted, metrics
+    write_model_dir(trained, out_dir, grid, name, description, domain, provenance)
+    write_report(out_dir / "training_report", trained.history, trained.test_predicted, trained.test_labels,
+                 trained.test_metrics, {"provenance": dict(provenance), "weights_sha256": trained.weights_sha256})
+
+
+DOMAIN_LABELS: tuple[str, ...] = ("teff", "logg", "fe_h")
+
+
+def label_domain(labels: pd.DataFrame, names: Sequence[str] = DOMAIN_LABELS) -> dict[str, tuple[float, float]]:
+    """[min, max] of each label over ``labels`` (the training split): the model's ``domain``."""
+    return {name: (float(np.nanmin(labels[name])), float(np.nanmax(labels[name]))) for name in names
+            if np.isfinite(labels[name]).any()}
+
+
+def train_from_set(
+    set_path: str | Path,
+    config_path: str | Path | None,
+    out_dir: str | Path,
+    family: str = "bossnet",
+    name: str | None = None,
+    description: str = "",
+    extra_provenance: Mapping[str, Any] | None = None,
+    **training: Any,
+) -> TrainedModel:
+    """``catalogbuilder train --training-set``: a saved :class:`~catalogbuilder.training.sources.TrainingSet` (spectra
+    on a model grid, labels and a fixed train/validation/test split) → trained model directory + report.
+
+    The split of the set is used as it is (its test rows never reach training or early stopping); the ``domain``
+    written to ``catalogbuilder.yaml`` is the label range of the training split. ``training`` as in
+    :func:`train_from_store` (families with metadata inputs cannot train from a set: it holds no photometry).
+    """
+    from catalogbuilder.training.sources import TrainingSet
+
+    spec = network_family(family).architecture(config_path)
+    if spec.metadata_width:
+        raise ValueError(f"the {family} family needs photometry inputs, which a training set does not hold; "
+                         "train it from a store with --photometry")
+    training_set = TrainingSet.load(set_path)
+    if spec.grid is not None and training_set.grid != spec.grid:
+        raise ValueError(f"{family} models run on the {spec.grid!r} grid, not {training_set.grid!r}")
+    split = training_set.split_indices()
+    trained = train_network(spec, training_set.flux, training_set.error, training_set.source_id,
+                            training_set.labels, split=split, **training)
+    out_dir = Path(out_dir)
+    provenance = {
+        "training_set": str(Path(set_path).resolve()),
+        "training_set_description": training_set.description,
+        "spectra_per_split_and_origin": training_set.counts(),
+        "seed": int(training.get("seed", 0)),
+    }
+    provenance.update(extra_provenance or {})
+    domain = label_domain(training_set.labels.iloc[trained.split["train"]])
+    write_trained(trained, out_dir, training_set.grid, name or out_dir.name, description, domain, provenance)
+    return trained
