@@ -7,6 +7,7 @@ import logging
 import sys
 
 from catalogbuilder import __version__
+from catalogbuilder.config import EXIT_CONFIG_ERROR, ConfigError
 
 # Each module defines ``register(subparsers)``, adding its sub-commands with ``set_defaults(func=...)``;
 # ``func(args) -> int`` is the exit status. Heavy imports stay inside ``func`` so ``--help`` is instant.
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``catalogbuilder`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as error:  # a cluster YAML or a model's catalogbuilder.yaml: one line per problem, exit 2
+        print(f"catalogbuilder {args.command}: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
 if __name__ == "__main__":

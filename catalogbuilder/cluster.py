@@ -2,7 +2,8 @@
 an existing scheduler (address or scheduler file), a dask-jobqueue cluster (SLURM, PBS) or a SLURM runner
 described by a YAML file in ``cluster_configs/``.
 
-A cluster YAML has dask-jobqueue's schema plus a small ``catalogbuilder:`` section::
+A cluster YAML has dask-jobqueue's schema plus a small ``catalogbuilder:`` section (validated as a whole by
+:class:`catalogbuilder.config.ClusterSettings`; unknown keys are errors)::
 
     jobqueue:
       slurm:                      # keyword arguments of dask_jobqueue.SLURMCluster (``-`` or ``_`` both accepted)
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import signal
 import threading
@@ -29,14 +29,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
 from distributed import Client, LocalCluster
 from distributed.deploy import Cluster
 
+from catalogbuilder.config import JOBQUEUE_KINDS, ClusterSettings, ConfigError
+
 log = logging.getLogger(__name__)
 
-CLUSTER_KINDS: tuple[str, ...] = ("local", "local-gpu", "slurm", "pbs", "slurm-runner")
-JOBQUEUE_KINDS: tuple[str, ...] = ("slurm", "pbs")
 RUNNERS: tuple[str, ...] = ("slurm",)
 # Defaults of every local cluster started here: one thread per worker process (torch and numpy already use
 # their own threads), no dashboard unless the config asks for one, and worker logs at ERROR only (the warnings
@@ -44,91 +43,12 @@ RUNNERS: tuple[str, ...] = ("slurm",)
 LOCAL_DEFAULTS: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": None,
                                   "silence_logs": logging.ERROR}
 RUNNER_DEFAULT_SCHEDULER_FILE = "scheduler-{job_id}.json"
-# Worker resource advertised by GPU workers (``dask cuda worker --resources GPU=1``); GPU tasks require one unit.
+# Worker resource advertised by GPU workers (``dask cuda worker --resources GPU=1``); inference tasks require a share.
 GPU_RESOURCE = "GPU"
-
-
-class ClusterConfigError(ValueError):
-    """A cluster YAML that cannot describe a cluster; the message says which key is wrong."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterConfig:
-    """A parsed cluster YAML.
-
-    kind: one of :data:`CLUSTER_KINDS`. jobqueue: keyword arguments of the dask-jobqueue cluster class
-    (keys with ``_``). options: keyword arguments of LocalCluster, LocalCUDACluster or SLURMRunner.
-    scale_jobs / adapt: how many jobs (jobqueue) or workers (local) to start. wait_for_workers: workers to wait
-    for before the client is handed out (``None``: 0, or every task of the job for the runner).
-    """
-
-    kind: str
-    jobqueue: dict[str, Any] = dataclasses.field(default_factory=dict)
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    scale_jobs: int | None = None
-    adapt: dict[str, int] | None = None
-    wait_for_workers: int | None = None
-    source: Path | None = None
-
-
-def _underscored(mapping: dict[str, Any]) -> dict[str, Any]:
-    """dask config spells keys with ``-``; Python keyword arguments need ``_``."""
-    return {str(key).replace("-", "_"): value for key, value in mapping.items()}
-
-
-def parse_cluster_config(document: dict[str, Any], source: Path | None = None) -> ClusterConfig:
-    """Validate a loaded cluster YAML document (see the module docstring) into a :class:`ClusterConfig`."""
-    where = f" in {source}" if source else ""
-    if not isinstance(document, dict):
-        raise ClusterConfigError(f"cluster config{where} must be a mapping, got {type(document).__name__}")
-    ours = document.get("catalogbuilder") or {}
-    unknown = set(ours) - {"kind", "scale", "adapt", "options", "wait_for_workers", "wait-for-workers"}
-    if unknown:
-        raise ClusterConfigError(f"unknown catalogbuilder keys{where}: {sorted(unknown)}")
-    queues = document.get("jobqueue") or {}
-    kind = ours.get("kind") or (next(iter(queues)) if len(queues) == 1 else None)
-    if kind not in CLUSTER_KINDS:
-        raise ClusterConfigError(f"catalogbuilder.kind{where} must be one of {CLUSTER_KINDS}, got {kind!r}")
-    jobqueue: dict[str, Any] = {}
-    if kind in JOBQUEUE_KINDS:
-        if kind not in queues:
-            raise ClusterConfigError(f"kind {kind!r}{where} needs a jobqueue.{kind} section")
-        jobqueue = _underscored(queues[kind] or {})
-        if "name" in jobqueue:  # in dask-jobqueue's YAML `name` is the job name; as a keyword it is `job_name`
-            jobqueue.setdefault("job_name", jobqueue.pop("name"))
-        for required in ("cores", "memory"):
-            if required not in jobqueue:
-                raise ClusterConfigError(f"jobqueue.{kind}.{required} is required{where}")
-    scale = ours.get("scale")
-    adapt = ours.get("adapt")
-    if scale is not None and adapt is not None:
-        raise ClusterConfigError(f"give either catalogbuilder.scale or catalogbuilder.adapt{where}, not both")
-    scale_jobs = None
-    if scale is not None:
-        scale_jobs = int(scale["jobs"] if isinstance(scale, dict) else scale)
-    if adapt is not None:
-        if not isinstance(adapt, dict) or not set(adapt) <= {"minimum", "maximum"}:
-            raise ClusterConfigError(f"catalogbuilder.adapt{where} must be {{minimum: N, maximum: M}}")
-        adapt = {key: int(value) for key, value in adapt.items()}
-    wait = ours.get("wait_for_workers", ours.get("wait-for-workers"))
-    return ClusterConfig(
-        kind=kind,
-        jobqueue=jobqueue,
-        options=_underscored(ours.get("options") or {}),
-        scale_jobs=scale_jobs,
-        adapt=adapt,
-        wait_for_workers=None if wait is None else int(wait),
-        source=source,
-    )
-
-
-def load_cluster_config(path: str | Path) -> ClusterConfig:
-    """Read and validate a cluster YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClusterConfigError(f"cluster config not found: {path}")
-    with open(path) as handle:
-        return parse_cluster_config(yaml.safe_load(handle), source=path.resolve())
+# Threads of a local GPU worker: two inference tasks at once, one reading and writing while the other computes.
+GPU_WORKER_THREADS = 2
+# --device of the stage commands → connect(gpu=...): which local cluster starts when no cluster option is given.
+DEVICE_TO_GPU: dict[str, bool | str] = {"auto": "auto", "cpu": False, "cuda": True}
 
 
 def _import_jobqueue_class(kind: str) -> type[Cluster]:
@@ -151,32 +71,48 @@ def local_cpu_cluster(workers: int | None = None, **options: Any) -> LocalCluste
     return LocalCluster(**kwargs)
 
 
-def gpu_unavailable_reason() -> str | None:
-    """Why a local GPU cluster cannot start (dask-cuda missing, no GPU visible), or None when it can."""
+def visible_gpus() -> tuple[int, str | None]:
+    """(GPUs a local GPU cluster would use, why it cannot start or None). dask-cuda is imported only here, so a
+    machine without it never needs it; its count honours ``CUDA_VISIBLE_DEVICES``."""
     try:
         from dask_cuda.utils import get_n_gpus
     except ImportError:
-        return "dask-cuda is not installed (pip install 'catalogbuilder[gpu]')"
+        return 0, "dask-cuda is not installed (pip install 'catalogbuilder[gpu]')"
     try:
         n_gpus = get_n_gpus()
     except Exception as error:  # NVML missing or broken: no usable GPU either way
-        return f"no GPU could be queried ({error})"
-    return None if n_gpus >= 1 else "no GPU is visible"
+        return 0, f"no GPU could be queried ({error})"
+    return n_gpus, None if n_gpus >= 1 else "no GPU is visible"
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why a local GPU cluster cannot start (dask-cuda missing, no GPU visible), or None when it can."""
+    return visible_gpus()[1]
 
 
 def local_gpu_cluster(workers: int | None = None, **options: Any) -> LocalCluster:
-    """A ``dask_cuda.LocalCUDACluster`` (one worker per GPU, each advertising the resource ``GPU=1`` unless
-    ``resources`` is given); falls back, with a warning, to a CPU LocalCluster when dask-cuda is not installed or no
-    GPU is visible. Options meant for GPUs only (``CUDA_VISIBLE_DEVICES``, ``rmm_*``, ``device_memory_limit``, and
-    the ``GPU`` resource) are dropped in the fallback."""
-    reason = gpu_unavailable_reason()
+    """A ``dask_cuda.LocalCUDACluster`` (one worker process per GPU, :data:`GPU_WORKER_THREADS` threads each, each
+    advertising the resource ``GPU=1`` unless ``resources`` is given); falls back, with a warning, to a CPU
+    LocalCluster when dask-cuda is not installed or no GPU is visible. Options meant for GPUs only
+    (``CUDA_VISIBLE_DEVICES``, ``rmm_*``, ``device_memory_limit``, and the ``GPU`` resource) are dropped in the
+    fallback. More workers than GPUs (``workers`` or ``n_workers``) would share a GPU: :class:`~catalogbuilder.config.ConfigError`."""
+    n_gpus, reason = visible_gpus()
     if reason is None:
         from dask_cuda import LocalCUDACluster
 
-        kwargs = {**LOCAL_DEFAULTS, "resources": {GPU_RESOURCE: 1}, **options}
+        kwargs = {**LOCAL_DEFAULTS, "threads_per_worker": GPU_WORKER_THREADS, "resources": {GPU_RESOURCE: 1},
+                  **options}
         kwargs.pop("processes", None)  # LocalCUDACluster always uses one process per GPU
         if workers is not None:
             kwargs["n_workers"] = workers
+        visible = kwargs.get("CUDA_VISIBLE_DEVICES")
+        available = n_gpus if visible is None else len(
+            visible.split(",") if isinstance(visible, str) else list(visible))
+        if kwargs.get("n_workers") is not None and int(kwargs["n_workers"]) > available:
+            raise ConfigError([
+                f"--workers: got {kwargs['n_workers']} GPU workers, but {available} GPU(s) are visible; allowed: at "
+                f"most {available} (a local GPU cluster runs one worker process per GPU, several processes on one GPU "
+                "are refused), or --device cpu for a CPU cluster of that many workers"])
         return LocalCUDACluster(**kwargs)
     warnings.warn(f"local-gpu cluster requested but {reason}: starting a CPU LocalCluster instead", stacklevel=2)
     cpu_options = {
@@ -187,11 +123,11 @@ def local_gpu_cluster(workers: int | None = None, **options: Any) -> LocalCluste
     return local_cpu_cluster(workers, **cpu_options)
 
 
-def make_cluster(config: ClusterConfig, workers: int | None = None) -> Cluster:
+def make_cluster(config: ClusterSettings, workers: int | None = None) -> Cluster:
     """The cluster object a config describes, with no jobs submitted yet (see :func:`start_workers`).
 
-    ``workers`` overrides the local worker count. Raises ClusterConfigError for a runner config (a runner is not
-    a cluster object: use :func:`connect`) and for jobqueue options the cluster class does not accept."""
+    ``workers`` overrides the local worker count. Raises ConfigError for jobqueue options the cluster class does
+    not accept, ValueError for a runner config (a runner is not a cluster object: use :func:`connect`)."""
     if config.kind == "local":
         return local_cpu_cluster(workers, **config.options)
     if config.kind == "local-gpu":
@@ -201,11 +137,12 @@ def make_cluster(config: ClusterConfig, workers: int | None = None) -> Cluster:
         try:
             return cluster_class(**config.jobqueue)
         except (TypeError, ValueError) as error:  # dask-jobqueue reports an unknown option as a ValueError
-            raise ClusterConfigError(f"jobqueue.{config.kind} in {config.source}: {error}") from error
-    raise ClusterConfigError(f"kind {config.kind!r} is run by connect(), not built as a cluster object")
+            raise ConfigError([f"{config.source}: jobqueue.{config.kind}: {error}; allowed: keyword arguments of "
+                               f"{cluster_class.__name__}"]) from error
+    raise ValueError(f"kind {config.kind!r} is run by connect(), not built as a cluster object")
 
 
-def start_workers(cluster: Cluster, config: ClusterConfig) -> None:
+def start_workers(cluster: Cluster, config: ClusterSettings) -> None:
     """Apply the config's ``scale`` (jobs for jobqueue, workers for local clusters) or ``adapt`` bounds."""
     is_jobqueue = config.kind in JOBQUEUE_KINDS
     if config.scale_jobs is not None:
@@ -236,7 +173,7 @@ def _runner_client(options: dict[str, Any], wait_for_workers: int | None) -> Ite
 
 
 @contextlib.contextmanager
-def _cluster_client(cluster: Cluster, config: ClusterConfig | None = None) -> Iterator[Client]:
+def _cluster_client(cluster: Cluster, config: ClusterSettings | None = None) -> Iterator[Client]:
     """A client of ``cluster`` after the config's scaling and waiting; the cluster is closed on exit."""
     with cluster, Client(cluster) as client:
         if config is not None:
@@ -247,8 +184,10 @@ def _cluster_client(cluster: Cluster, config: ClusterConfig | None = None) -> It
         yield client
 
 
-def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the common ``--cluster/--scheduler-file/--address/--runner/--workers`` options to a sub-command."""
+def add_cluster_arguments(parser: argparse.ArgumentParser, device: str = "auto") -> None:
+    """Add the common ``--cluster/--scheduler-file/--address/--runner/--workers/--device`` options to a sub-command;
+    ``device`` is its ``--device`` default (``cpu`` for stages without a model to run on GPUs: a local cluster of
+    theirs has one worker per core, not per GPU)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cluster", metavar="YAML", help="cluster config (cluster_configs/*.yaml)")
     group.add_argument("--scheduler-file", metavar="FILE", help="connect to a running scheduler via its scheduler file")
@@ -256,7 +195,13 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--runner", choices=RUNNERS, help="inside `srun`: task 0 scheduler, task 1 client, the rest workers"
     )
-    parser.add_argument("--workers", type=int, default=None, help="local cluster size (default: one per core)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local cluster size (default: one per core, or one per GPU on a GPU cluster)")
+    parser.add_argument("--device", choices=tuple(DEVICE_TO_GPU), default=device,
+                        help=f"(default: {device}) auto: a dask-cuda LocalCUDACluster, one worker per GPU, when no "
+                        "cluster option is given and dask-cuda and GPUs are there, else CPU workers; models compute on "
+                        "the GPU of workers holding a GPU resource. cpu: CPU workers, models on CPU. cuda: GPU workers, "
+                        "models on GPU")
 
 
 @contextlib.contextmanager
@@ -266,14 +211,14 @@ def connect(
     address: str | None = None,
     workers: int | None = None,
     runner: str | None = None,
-    gpu: bool | str = False,
+    gpu: bool | str = "auto",
 ) -> Iterator[Client]:
     """Yield a connected :class:`distributed.Client`; clusters started here are closed on exit.
 
     At most one of ``cluster`` (YAML path), ``scheduler_file``, ``address``, ``runner`` (``"slurm"``); with none
     a local cluster is started: ``gpu=False`` a CPU cluster of ``workers`` processes (default one per core);
     ``gpu=True`` a ``LocalCUDACluster`` (one worker per GPU, resource ``GPU=1``), falling back with a warning to CPU;
-    ``gpu="auto"`` the GPU cluster when dask-cuda is installed and a GPU is visible, else the CPU one."""
+    ``gpu="auto"`` (default) the GPU cluster when dask-cuda is installed and a GPU is visible, else the CPU one."""
     if not (gpu is True or gpu is False or gpu == "auto"):
         raise ValueError(f"gpu must be True, False or 'auto'; got {gpu!r}")
     chosen = [name for name, value in (("cluster", cluster), ("scheduler_file", scheduler_file),
@@ -295,7 +240,7 @@ def connect(
             yield client
         return
     if cluster:
-        config = load_cluster_config(cluster)
+        config = ClusterSettings.load(cluster)
         if config.kind == "slurm-runner":
             with _runner_client(config.options, config.wait_for_workers) as client:
                 yield client
@@ -314,12 +259,12 @@ def cluster_requested(args: argparse.Namespace) -> bool:
 
 
 def connect_from_args(args: argparse.Namespace) -> contextlib.AbstractContextManager[Client]:
-    """``connect`` with the options added by :func:`add_cluster_arguments`."""
+    """``connect`` with the options added by :func:`add_cluster_arguments` (``--device`` picks the local cluster)."""
     return connect(
         cluster=getattr(args, "cluster", None),
         scheduler_file=getattr(args, "scheduler_file", None),
         address=getattr(args, "address", None),
         workers=getattr(args, "workers", None),
         runner=getattr(args, "runner", None),
-        gpu=getattr(args, "gpu", False),
+        gpu=DEVICE_TO_GPU[getattr(args, "device", "auto")],
     )

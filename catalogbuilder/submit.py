@@ -1,29 +1,31 @@
 """``dask-submit``: run a workflow file against a Dask cluster.
 
     dask-submit WORKFLOW.py [--cluster YAML | --scheduler-file F | --address A | --runner slurm] [--workers N]
-                [workflow args...] [-- more workflow args...]
+                [--device auto|cpu|cuda] [workflow args...] [-- more workflow args...]
 
 The workflow file defines ``main(client, argv) -> int | None`` (:data:`ENTRY_POINT`): ``client`` is the
 ``distributed.Client`` from :func:`catalogbuilder.cluster.connect`, ``argv`` the arguments dask-submit did not
-recognise, in order (everything after a ``--`` is passed on untouched). The file is imported as the module
-named after it (``dr19.py`` -> ``dr19``) here and on the workers. With ``-h``/``--help`` among the workflow's
-arguments, ``main(None, argv)`` is called without starting a cluster (a workflow parses its argv first). With no cluster option a local CPU
-cluster is started for the run and closed after it. (The ``dask-submit`` of old distributed releases was
-removed in 2019; this one is catalogbuilder's own.)
+recognise, in order (everything after a ``--`` is passed on untouched). The file is run on the client only: a
+workflow composes functions of the installed package (``catalogbuilder.pipeline``), which is what the workers
+import. With ``-h``/``--help`` among the workflow's arguments, ``main(None, argv)`` is called without starting a
+cluster (a workflow parses its argv first). With no cluster option a local cluster is started for the run and
+closed after it: one GPU worker per GPU (dask-cuda ``LocalCUDACluster``) when dask-cuda is installed and GPUs are
+visible, else one CPU worker per core; ``--device cpu`` always starts CPU workers. (The ``dask-submit`` of old
+distributed releases was removed in 2019; this one is catalogbuilder's own.)
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
+import runpy
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 from distributed import Client
 
 from catalogbuilder.cluster import add_cluster_arguments, connect_from_args
+from catalogbuilder.config import EXIT_CONFIG_ERROR, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +38,14 @@ class WorkflowError(Exception):
     """A workflow file that cannot be loaded or has no entry point."""
 
 
-def import_workflow(path: str | Path) -> ModuleType:
-    """Import a workflow file as the module named after it (``dr19.py`` -> ``dr19``, kept in ``sys.modules``)."""
+def load_workflow(path: str | Path) -> WorkflowMain:
+    """The ``main(client, argv)`` of a workflow file (the file is executed once, on the client)."""
     path = Path(path)
     if not path.is_file():
         raise WorkflowError(f"workflow file not found: {path}")
-    if path.suffix != ".py" or not path.stem.isidentifier():
-        raise WorkflowError(f"a workflow is a Python file named like a module (e.g. dr19.py), got {path.name}")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    if spec is None or spec.loader is None:
-        raise WorkflowError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_workflow(path: str | Path) -> WorkflowMain:
-    """The ``main(client, argv)`` of a workflow file."""
-    entry = getattr(import_workflow(path), ENTRY_POINT, None)
+    if path.suffix != ".py":
+        raise WorkflowError(f"a workflow is a Python file (e.g. dr19.py), got {path.name}")
+    entry = runpy.run_path(str(path), run_name=f"workflow_{path.stem}").get(ENTRY_POINT)
     if not callable(entry):
         raise WorkflowError(f"{path} defines no {ENTRY_POINT}(client, argv) function")
     return entry
@@ -86,33 +77,28 @@ def split_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[a
     return args, rest + verbatim
 
 
-def run(
-    entry: WorkflowMain, args: argparse.Namespace, workflow_argv: list[str], workflow_file: Path | None = None
-) -> int:
-    """Connect as ``args`` says, run ``entry(client, workflow_argv)`` and return its exit status.
-
-    ``workflow_file`` is uploaded to the workers (``Client.upload_file``, also to workers that join later) so
-    that functions defined in it can run there."""
+def run(entry: WorkflowMain, args: argparse.Namespace, workflow_argv: list[str], prog: str = "dask-submit") -> int:
+    """Connect as ``args`` says, run ``entry(client, workflow_argv)`` and return its exit status (2, with one line
+    per problem after ``prog:``, for a configuration error: a wrong cluster YAML, or one the workflow let through)."""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if HELP_OPTIONS & set(workflow_argv):  # the workflow's own --help needs no cluster
         return int(entry(None, workflow_argv) or 0)  # type: ignore[arg-type]
-    with connect_from_args(args) as client:
-        if workflow_file is not None:
-            client.upload_file(str(workflow_file))
-            # A scheduler running in this process (local cluster) imports the uploaded copy under the same module
-            # name; import the original again so that the workflow's __file__ (and paths beside it) stay its own.
-            entry = load_workflow(workflow_file)
-        log.info("running workflow on %s", client)
-        return int(entry(client, workflow_argv) or 0)
+    try:
+        with connect_from_args(args) as client:
+            log.info("running workflow on %s", client)
+            return int(entry(client, workflow_argv) or 0)
+    except ConfigError as error:  # the cluster YAML, or a config error the workflow did not report itself
+        print(f"{prog}: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
 def script_main(entry: WorkflowMain, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Let a workflow file run as ``python WORKFLOW.py [cluster options] [workflow args]`` too."""
     parser = build_parser(prog=prog or Path(sys.argv[0]).name, with_workflow=False)
     args, workflow_argv = split_arguments(parser, list(sys.argv[1:] if argv is None else argv))
-    return run(entry, args, workflow_argv)
+    return run(entry, args, workflow_argv, prog=parser.prog)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = load_workflow(args.workflow)
     except WorkflowError as error:
         parser.error(str(error))
-    return run(entry, args, workflow_argv, workflow_file=Path(args.workflow))
+    return run(entry, args, workflow_argv)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,8 @@ import pytest
 import yaml
 from distributed import Client
 
-from catalogbuilder.cluster import (
-    ClusterConfigError,
-    connect,
-    load_cluster_config,
-    local_gpu_cluster,
-    make_cluster,
-    parse_cluster_config,
-)
+from catalogbuilder.cluster import connect, local_gpu_cluster, make_cluster
+from catalogbuilder.config import ClusterSettings, ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "cluster_configs"
 JOBQUEUE_CONFIGS = {
@@ -38,7 +32,7 @@ def test_every_shipped_config_is_covered() -> None:
 @pytest.mark.parametrize("name", sorted(JOBQUEUE_CONFIGS))
 def test_jobqueue_config_renders_job_script(name: str) -> None:
     prefix, memory, walltime, gpu = JOBQUEUE_CONFIGS[name]
-    config = load_cluster_config(CONFIG_DIR / name)
+    config = ClusterSettings.load(CONFIG_DIR / name)
     cluster = make_cluster(config)
     try:
         script = cluster.job_script()
@@ -63,7 +57,7 @@ def test_jobqueue_config_renders_job_script(name: str) -> None:
 
 
 def test_slurm_gpu_books_a_gpu_and_cpus() -> None:
-    cluster = make_cluster(load_cluster_config(CONFIG_DIR / "slurm-gpu.yaml"))
+    cluster = make_cluster(ClusterSettings.load(CONFIG_DIR / "slurm-gpu.yaml"))
     try:
         script = cluster.job_script()
     finally:
@@ -85,7 +79,7 @@ def test_local_config_runs_tasks_and_closes() -> None:
 def test_local_gpu_falls_back_to_cpu_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # as on a machine without dask-cuda
     with pytest.warns(UserWarning, match="dask-cuda is not installed.*CPU LocalCluster"):
-        cluster = local_gpu_cluster(1, **load_cluster_config(CONFIG_DIR / "local-gpu.yaml").options)
+        cluster = local_gpu_cluster(1, **ClusterSettings.load(CONFIG_DIR / "local-gpu.yaml").options)
     with cluster, Client(cluster) as client:
         (info,) = client.scheduler_info()["workers"].values()
         assert not info.get("resources"), "a CPU fallback worker must not advertise a GPU"
@@ -93,7 +87,7 @@ def test_local_gpu_falls_back_to_cpu_with_warning(monkeypatch: pytest.MonkeyPatc
 
 
 def test_runner_config_options() -> None:
-    config = load_cluster_config(CONFIG_DIR / "slurm-runner.yaml")
+    config = ClusterSettings.load(CONFIG_DIR / "slurm-runner.yaml")
     assert config.kind == "slurm-runner"
     assert config.options["scheduler_file"] == "scheduler-{job_id}.json"
     assert config.options["worker_options"]["resources"] == {"GPU": 1}
@@ -144,26 +138,28 @@ def test_runner_with_three_srun_like_tasks(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        ({"catalogbuilder": {"kind": "kubernetes"}}, "must be one of"),
-        ({"catalogbuilder": {"kind": "slurm"}}, "needs a jobqueue.slurm section"),
-        ({"jobqueue": {"slurm": {"cores": 4}}, "catalogbuilder": {"kind": "slurm"}}, "memory is required"),
-        ({"catalogbuilder": {"kind": "local", "scale": 2, "adapt": {"maximum": 3}}}, "not both"),
-        ({"catalogbuilder": {"kind": "local", "adapt": {"max": 3}}}, "minimum: N, maximum: M"),
-        ({"catalogbuilder": {"kind": "local", "workers": 3}}, "unknown catalogbuilder keys"),
-        (["not", "a", "mapping"], "must be a mapping"),
+        ({"catalogbuilder": {"kind": "kubernetes"}}, "catalogbuilder.kind: got 'kubernetes'; allowed: one of local,"),
+        ({"catalogbuilder": {"kind": "slurm"}}, "jobqueue.slurm: got None; allowed: keyword arguments of"),
+        ({"jobqueue": {"slurm": {"cores": 4}}, "catalogbuilder": {"kind": "slurm"}}, "including cores and memory"),
+        ({"catalogbuilder": {"kind": "local", "scale": 2, "adapt": {"maximum": 3}}}, "either scale or adapt, not both"),
+        ({"catalogbuilder": {"kind": "local", "adapt": {"max": 3}}},
+         "catalogbuilder.adapt.max: unknown key; allowed keys here: minimum, maximum"),
+        ({"catalogbuilder": {"kind": "local", "workers": 3}}, "catalogbuilder.workers: unknown key"),
+        (["not", "a", "mapping"], "(whole file): got ['not', 'a', 'mapping']; allowed: mapping with keys"),
     ],
 )
 def test_bad_config_is_a_clear_error(document: object, message: str) -> None:
-    with pytest.raises(ClusterConfigError, match=message):
-        parse_cluster_config(document)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as error:
+        ClusterSettings.parse(document, "cluster.yaml")
+    assert str(error.value).startswith("cluster.yaml: ") and message in str(error.value)
 
 
 def test_unknown_jobqueue_option_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump({"jobqueue": {"slurm": {"cores": 2, "memory": "4GiB", "wallclock": "1:00:00"}}}))
-    config = load_cluster_config(path)
+    config = ClusterSettings.load(path)
     assert config.kind == "slurm", "a single jobqueue section names the kind"
-    with pytest.raises(ClusterConfigError, match="wallclock"):
+    with pytest.raises(ConfigError, match="wallclock"):
         make_cluster(config)
 
 
@@ -174,7 +170,7 @@ def test_dask_style_keys_and_job_name(tmp_path: Path) -> None:
             {"jobqueue": {"slurm": {"name": "nightly", "cores": 2, "memory": "4GiB", "job-extra-directives": ["-C gpu"]}}}
         )
     )
-    cluster = make_cluster(load_cluster_config(path))
+    cluster = make_cluster(ClusterSettings.load(path))
     try:
         script = cluster.job_script()
     finally:
@@ -191,5 +187,5 @@ def test_local_scale_from_config(tmp_path: Path) -> None:
 
 
 def test_missing_config_file() -> None:
-    with pytest.raises(ClusterConfigError, match="not found"):
-        load_cluster_config("no/such/cluster.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        ClusterSettings.load("no/such/cluster.yaml")

@@ -1,6 +1,7 @@
-"""The dr19 workflow end to end on the shipped sample: release tables with one row per spectrum and consistent
-flags, identical values on a rerun with the same seed, an incremental run equal to a full run, a change of weights
-recomputing exactly that model's rows, and a worker killed during inference changing nothing."""
+"""The dr19 workflow end to end on the shipped sample: release tables with one row per star (allStar) and per visit
+(allVisit) and consistent flags, identical values on a rerun with the same seed, an incremental run equal to a full
+run, a change of weights recomputing exactly that model's rows, and a worker killed during inference changing
+nothing."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -20,12 +20,15 @@ from astropy.table import Table
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from catalogbuilder.config import WorkflowSettings
 from catalogbuilder.constants import ERROR_CALIBRATION, FLAG_BAD_MASK, FLAG_WARN_MASK, ResultFlag
-from catalogbuilder.inference.results import ResultsStore
-from catalogbuilder.models.registry import resolve_model_dir, shipped_models
+from catalogbuilder.crossmatch.cache import MatchCache, MatchConfig
+from catalogbuilder.config import resolve_model_dir, shipped_models
 from catalogbuilder.models.weights import load_state_dict, save_state_dict
+from catalogbuilder.pipeline import run_workflow
+from catalogbuilder.release.build import read_table
 from catalogbuilder.store import SpectrumStore, expand_inputs
-from catalogbuilder.submit import import_workflow
+from catalogbuilder.submit import load_workflow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "catalogbuilder" / "data" / "sample"
@@ -35,14 +38,9 @@ TEST_DRAWS = 4
 TIMESTAMP_COLUMNS = ["created"]  # the only columns allowed to differ between runs of the same inputs and seed
 
 
-def dr19() -> ModuleType:
-    """The workflows/dr19.py module."""
-    return import_workflow(REPO_ROOT / "workflows" / "dr19.py")
-
-
 def sample_files() -> list[str]:
     """Every FITS file of the shipped sample, in the default config's order."""
-    return expand_inputs([SAMPLE_DIR / folder for folder in SAMPLE_FOLDERS])
+    return expand_inputs([SAMPLE_DIR / folder for folder in SAMPLE_FOLDERS]).paths
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +79,14 @@ def write_config(folder: Path, inputs: list[str], models: dict[str, list[str]], 
 
 
 def run(client: Client, config_path: Path) -> Any:
-    """Run the dr19 workflow on ``client`` with a config file, without progress bars."""
-    module = dr19()
-    config = module.load_config(config_path)
-    return module.run_workflow(client, type(config)(**{**config.__dict__, "progress": False}))
+    """Run the pipeline on ``client`` with a config file, without progress bars."""
+    return run_workflow(client, WorkflowSettings.load(config_path, {"progress": False}))
 
 
 def read_tables(output: Path) -> dict[str, pd.DataFrame]:
-    """Every Parquet release table under ``output``, by relative path."""
-    return {str(path.relative_to(output)): pd.read_parquet(path) for path in sorted(output.glob("*/*/*.parquet"))}
+    """Every release table under ``output`` (its Parquet parts together), by its stem (survey/model/name)."""
+    stems = sorted({str(part.parent.relative_to(output)) for part in output.glob("*/*/*/part-*.parquet")})
+    return {stem: read_table(output, stem) for stem in stems}
 
 
 def assert_same_tables(left: dict[str, pd.DataFrame], right: dict[str, pd.DataFrame],
@@ -118,20 +115,20 @@ def test_release_has_one_row_per_spectrum_and_the_products(full_run: tuple[Path,
     by_model: dict[str, list[pd.DataFrame]] = {}
     for name, table in tables.items():
         survey, model, stem = name.split("/")
-        assert stem in {f"allStar-{model}-{survey}.parquet", f"allVisit-{model}-{survey}.parquet"}
-        assert (table["survey"] == survey).all()
-        assert (table["kind"] == ("combined" if stem.startswith("allStar") else "visit")).all()
-        fits_rows = Table.read(output / survey / model / stem.replace(".parquet", ".fits.gz"))
+        assert stem in {f"allStar-{model}-{survey}", f"allVisit-{model}-{survey}"}
+        assert (table["survey"] == survey).all() and table["spectrum_id"].is_unique
+        if stem.startswith("allStar"):
+            assert (table["kind"] == "combined").all() and table["source_id"].is_unique, "one row per star"
+        fits_rows = Table.read(output / f"{name}.fits.gz")
         assert list(fits_rows["spectrum_id"]) == list(table["spectrum_id"])
         by_model.setdefault(model, []).append(table)
     for report in result.inference:
         rows = pd.concat(by_model[report.model_name], ignore_index=True)
-        grid_ids = set(map(str, store.dataset(report.grid)["spectrum_id"].values.tolist()))
-        assert rows["spectrum_id"].is_unique
-        assert set(rows["spectrum_id"]) == grid_ids, "every spectrum of the model's grid, each exactly once"
-        assert report.n_ok + report.n_no_result == len(grid_ids)
+        columns = store.columns(report.grid, ("spectrum_id", "kind"))
+        predicted = set(columns.loc[columns["kind"] != "combined-alt", "spectrum_id"].astype(str))
+        assert set(rows["spectrum_id"]) == predicted, "every predicted spectrum of the model's grid is released"
+        assert report.n_ok + report.n_no_result == len(predicted)
     assert {report.grid for report in result.inference} == {"apogee", "optical"}
-    assert sum(len(table) for table in tables.values()) == sum(store.info()["grids"][g]["spectra"] for g in ("apogee", "optical"))
     for model in by_model:
         assert (output / f"kiel-{model}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output / "summary.json").is_file()
@@ -196,12 +193,13 @@ def test_incremental_run_equals_full_run(
     config_path = write_config(tmp_path, first, models)
     first_result = run(client, config_path)
     assert first_result.ingest.files_added == len(first)
-    incremental = import_workflow(REPO_ROOT / "workflows" / "incremental.py")
-    status = incremental.main(client, [*rest, "--config", str(config_path), "--no-progress"])
+    incremental = load_workflow(REPO_ROOT / "workflows" / "incremental.py")
+    status = incremental(client, [*rest, "--config", str(config_path), "--no-progress"])
     assert status == 0
-    history = ResultsStore.for_store(tmp_path / "store").read(latest_only=False)
-    assert not history.duplicated(["model_name", "spectrum_id"]).any(), "no spectrum was predicted twice"
-    assert len(history) == SpectrumStore.open(tmp_path / "store").info()["total_spectra"]
+    results = SpectrumStore.open(tmp_path / "store").results.read()
+    assert not results.duplicated(["model_name", "spectrum_id"]).any(), "no spectrum was predicted twice"
+    info = SpectrumStore.open(tmp_path / "store").info()
+    assert len(results) == info["total_spectra"] - info["grids"]["apogee"]["by_survey_kind"]["apogee/combined-alt"]
     assert_same_tables(read_tables(full_run[0] / "out"), read_tables(tmp_path / "out"))
 
 
@@ -276,9 +274,12 @@ def test_an_unreadable_file_becomes_a_no_result_row(client: Client, models: dict
     boss = sorted(str(path) for path in (SAMPLE_DIR / "boss").glob("spec-*.fits"))
     result = run(client, write_config(tmp_path / "run", [*boss, str(broken)], models))
     assert [path for path, _ in result.ingest.rejected] == [str(broken)]
-    rows = pd.concat(read_tables(tmp_path / "run" / "out").values(), ignore_index=True)
-    assert len(rows) == len(boss) + 1
-    failed = rows.loc[rows["file"] == str(broken)].iloc[0]
+    tables = read_tables(tmp_path / "run" / "out")
+    stars = pd.concat([table for name, table in tables.items() if "/allStar-" in name], ignore_index=True)
+    # the boss stars, and the unrecognisable file once in the "unknown" table of each model (no survey covers it)
+    assert len(stars) == len(boss) + len(result.inference)
+    failed = stars.loc[stars["file"] == str(broken)].iloc[0]
+    assert failed["survey"] == "unknown"
     assert failed["status"] == "no_result" and failed["result_flags"] & int(ResultFlag.NO_RESULT)
     assert failed["flag_bad"] and "rejected at ingest" in failed["reason"] and np.isnan(failed["teff"])
 
@@ -294,8 +295,9 @@ def test_photometry_models_run_after_a_cross_match(client: Client, tmp_path: Pat
     folder = tmp_path / "net2"
     result = run(client, write_config(folder, apstar, {"apogee": [str(net2)]}))
     assert not result.failed_tasks
-    matches = pd.read_parquet(folder / "out" / "crossmatch.parquet")
-    results = ResultsStore.for_store(folder / "store").read(net2.name).merge(matches, on="spectrum_id")
+    store = SpectrumStore.open(folder / "store")
+    matches = MatchCache(store, MatchConfig((str(SHIPPED_CATALOG),))).read("apogee")  # the run's one cross-match
+    results = store.results.read(net2.name).merge(matches.drop(columns="position"), on="spectrum_id")
     assert len(results) == len(matches) > 0 and (results["status"] == "ok").all()
     assert results["gaia_matched"].all(), "the shipped catalog holds the sample's APOGEE stars"
     np.testing.assert_array_equal(results["input_parallax"], results["parallax"])
@@ -314,7 +316,7 @@ def test_photometric_stage_runs_in_the_workflow(client: Client, shared_data: Pat
     apokasc.write(sources)
     apstar = [str(path) for path in sorted((SAMPLE_DIR / "apogee").glob("apStar-*.fits"))]
     folder = tmp_path / "phot"
-    models = {"apogee": ["anet3-payne-demo"]}
+    models = {"apogee": ["anet3-cannon-demo"]}
     result = run(client, write_config(folder, apstar, models, photometric={"input": str(sources)}))
     assert result.photometric_table is not None and result.photometric_table.is_file()
     table = pd.read_parquet(result.photometric_table)
