@@ -76,6 +76,19 @@ def test_local_config_runs_tasks_and_closes() -> None:
     assert client.status == "closed"
 
 
+def test_in_process_local_cluster_runs_tasks_in_this_process_without_memory_limit() -> None:
+    """``infer``'s local CPU cluster: worker threads of the calling process, one thread each, no per-worker memory
+    limit (the shared process's memory would pause every worker); the default local cluster has worker processes."""
+    with connect(workers=2, gpu=False, in_process=True) as client:
+        workers = client.scheduler_info()["workers"]
+        assert [info["nthreads"] for info in workers.values()] == [1, 1]
+        assert set(client.run(os.getpid).values()) == {os.getpid()}
+        assert set(client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit).values()) == {None}
+        assert client.submit(sum, [1, 2, 3]).result() == 6
+    with connect(workers=1, gpu=False) as client:
+        assert os.getpid() not in set(client.run(os.getpid).values())
+
+
 def test_local_gpu_falls_back_to_cpu_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # as on a machine without dask-cuda
     with pytest.warns(UserWarning, match="dask-cuda is not installed.*CPU LocalCluster"):

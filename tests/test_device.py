@@ -46,17 +46,17 @@ def test_auto_means_cuda_only_on_workers_holding_a_gpu(cuda_visible: None) -> No
 
 def test_a_cpu_worker_on_a_gpu_node_loads_the_model_on_cpu(cuda_visible: None, conformance_dir: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The plugin's setup on a worker without a GPU resource, in a process that sees CUDA: model on the CPU."""
+    """The plugin's model loading on a worker without a GPU resource, in a process that sees CUDA: model on the CPU."""
     monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # process-wide settings stay as they are
     monkeypatch.setattr(graph, "reuse_freed_memory", lambda: False)
     summary = describe_model(conformance_dir / "apogee_small")
     worker = types.SimpleNamespace(address="tcp://cpu-worker", state=types.SimpleNamespace(total_resources={},
                                                                                            nthreads=1))
     plugin = ModelPlugin(str(summary.directory), summary.weights_sha256, device="auto", draws=20)
-    plugin.setup(worker)
+    plugin.load(worker)
     assert plugin.model.device.type == "cpu" and plugin.model.max_batch == 21
     skipped = ModelPlugin(str(summary.directory), summary.weights_sha256, gpu_workers_only=True)
-    skipped.setup(worker)
+    skipped.load(worker)
     assert skipped.model is None, "with GPU workers in the cluster, CPU workers load nothing"
 
 

@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"catalogbuilder infer: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        with connect_from_args(args) as client:
+        # a local CPU cluster runs its workers as threads here: forward passes release the GIL (cluster.py)
+        with connect_from_args(args, in_process=True) as client:
             report = run_inference(
                 client, store, args.model, draws=args.draws, seed=args.seed, batch_size=args.batch_size,
                 spectra_per_task=args.spectra_per_task, device=args.device, max_batch=args.max_batch,

@@ -11,6 +11,7 @@ for good is turned into ``no_result`` rows for exactly its spectra.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -119,7 +120,12 @@ class ModelPlugin(WorkerPlugin):
         self.name = plugin_name(model_dir, weights_sha256, device, max_batch, precision, draws, convolution)
         self.model: Any = None
 
-    def setup(self, worker: Any) -> None:
+    async def setup(self, worker: Any) -> None:
+        """Load the model in a thread, so the worker's event loop keeps answering meanwhile and the workers of an
+        in-process cluster (``infer``'s local CPU cluster), which share one loop, load side by side."""
+        await asyncio.get_running_loop().run_in_executor(None, self.load, worker)
+
+    def load(self, worker: Any) -> None:
         """Load the model onto this worker's device; torch uses as many threads as the worker has (one on a GPU
         worker, whose threads run tasks side by side)."""
         import torch
