@@ -53,16 +53,28 @@ def test_draws_are_reproducible_and_depend_on_the_seed(apogee_case) -> None:
     assert np.all(first["raw_e_logg"] > 0) and not np.array_equal(first["raw_e_logg"], other["raw_e_logg"])
 
 
+FORWARD_NOISE = 1e-6  # × max(1, |value|): float32 rounding of forward passes of different batch compositions (~1e-7)
+
+
+def assert_same_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """Outputs of the same spectra and seeds computed in differently composed forward passes agree to float32
+    forward-pass noise (conformance README, item 8): values to 1e-4 relative, and every raw error — a spread of values,
+    which carries the same rounding in absolute terms, however small the spread — to :data:`FORWARD_NOISE` × max(1,
+    |value|) of its own column. (torch's CPU matmuls round differently for different row counts on some CPUs.)"""
+    for name, column in expected.items():
+        scale = np.abs(expected[name.removeprefix("raw_e_")]) if name.startswith("raw_e_") else np.zeros(1)
+        np.testing.assert_allclose(got[name], column, rtol=1e-4, err_msg=name,
+                                   atol=np.max(FORWARD_NOISE * np.maximum(1.0, scale)) if name.startswith("raw_e_")
+                                   else 1e-6)
+
+
 def test_results_do_not_depend_on_batch_split_or_order(apogee_case) -> None:
     model, flux, error, seeds = apogee_case
     together = model.predict(flux, error, draws=6, seeds=seeds)  # default max_batch: every spectrum in one forward
     one_per_forward = load_model(model.info.directory, max_batch=6, convolution="direct")
     order = np.arange(len(flux))[::-1]
     alone = one_per_forward.predict(flux[order], error[order], draws=6, seeds=[seeds[i] for i in order])
-    for name in together:
-        reference = together[name]
-        # float32 forward passes of different batch compositions differ by ~1e-6 (conformance README, item 8)
-        np.testing.assert_allclose(alone[name][::-1], reference, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert_same_outputs({name: column[::-1] for name, column in alone.items()}, together)
 
 
 def test_raw_errors_shrink_as_signal_to_noise_rises(apogee_case) -> None:
@@ -85,8 +97,10 @@ def test_value_is_median_of_draws_and_teff_error_is_propagated(apogee_case, draw
     generator = torch.Generator().manual_seed(seeds[0])
     noise = torch.randn((draws, flux.shape[1]), generator=generator)
     capped = cap_errors(torch.from_numpy(flux[:1]), torch.from_numpy(error[:1]))
-    labels = model.predict_labels(torch.from_numpy(flux[:1]) + capped * noise).double()
-    noiseless = model.predict_labels(torch.from_numpy(flux[:1])).double()
+    # one forward pass of the noiseless row and the draws, as predict makes it: the same float32 rounding
+    rows = torch.cat([torch.from_numpy(flux[:1]), torch.from_numpy(flux[:1]) + capped * noise])
+    labels = model.predict_labels(rows).double()
+    noiseless, labels = labels[:1], labels[1:]
     for column, name in enumerate(("logg", "logteff", "fe_h")):
         ordered = labels[:, column].sort().values
         median = float(ordered[(draws - 1) // 2])
