@@ -51,6 +51,24 @@ def test_fft_form_equals_torch_conv1d(n_in: int, n_out: int, kernel: int, paddin
     assert relative_deviation(single, reference - bias[:, None]) < 1e-5
 
 
+@pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 20])  # one frequency per band, ragged bands, one band
+def test_frequency_bands_of_the_channel_product_give_the_same_bits(monkeypatch: pytest.MonkeyPatch,
+                                                                  block_bytes: int) -> None:
+    """The CPU splits the per-frequency channel matmul into cache-sized bands (frequency_block): the same products,
+    so the same bits as one matmul over all frequencies, and torch's result to float32 rounding."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 16, 1000, generator=generator) - 5.0
+    weight = torch.randn(24, 16, 30, generator=generator)
+    reference = F.conv1d(x, weight, None, padding=15)
+    monkeypatch.setattr(convolution, "FREQUENCY_BLOCK_BYTES", 1 << 40)
+    whole = fft_conv1d(x, weight, None, 15)
+    monkeypatch.setattr(convolution, "FREQUENCY_BLOCK_BYTES", block_bytes)
+    assert convolution.frequency_block(torch.fft.rfft(x), 24) == max(1, min(501, block_bytes // (8 * 5 * 24)))
+    banded = fft_conv1d(x, weight, None, 15)
+    torch.testing.assert_close(banded, whole, rtol=0, atol=0)
+    assert relative_deviation(banded, reference) < 1e-5
+
+
 def test_fft_lengths_are_smooth_and_short() -> None:
     assert [fft_length(n) for n in (1, 7, 4317, 4318, 8590)] == [1, 8, 4320, 4320, 8640]
     with pytest.raises(ValueError, match="shorter"):
