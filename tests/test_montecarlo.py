@@ -62,10 +62,9 @@ def assert_same_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarr
     which carries the same rounding in absolute terms, however small the spread — to :data:`FORWARD_NOISE` × max(1,
     |value|) of its own column. (torch's CPU matmuls round differently for different row counts on some CPUs.)"""
     for name, column in expected.items():
-        scale = np.abs(expected[name.removeprefix("raw_e_")]) if name.startswith("raw_e_") else np.zeros(1)
-        np.testing.assert_allclose(got[name], column, rtol=1e-4, err_msg=name,
-                                   atol=np.max(FORWARD_NOISE * np.maximum(1.0, scale)) if name.startswith("raw_e_")
-                                   else 1e-6)
+        value = name.removeprefix("raw_e_")
+        atol = FORWARD_NOISE * np.max(np.maximum(1.0, np.abs(expected[value]))) if value != name else 1e-6
+        np.testing.assert_allclose(got[name], column, rtol=1e-4, atol=atol, err_msg=name)
 
 
 def test_results_do_not_depend_on_batch_split_or_order(apogee_case) -> None:
