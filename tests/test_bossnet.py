@@ -75,6 +75,42 @@ def test_other_configs_run_and_round_trip_the_chunked_format(tmp_path: Path, ker
         torch.testing.assert_close(reloaded(flux), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["direct", "fft"])
+def test_folded_batch_norms_compute_the_published_network(tmp_path: Path, mode: str) -> None:
+    """The inference network with its BatchNorms folded into the convolutions (bias in the FFT form's zero-frequency
+    bin) equals the published definition to float32 rounding, has no BatchNorm left, and refuses a training-mode
+    BatchNorm, whose output would depend on the batch."""
+    config = BossNetConfig.from_dict({**SMALL, "kernel_size": 30, "dim_mults": [1, 2, 4]})
+    torch.manual_seed(5)
+    network = randomised(BossNet(config), seed=5)
+    for module in network.modules():  # scale and shift too, so every term of the fold is exercised
+        if isinstance(module, torch.nn.BatchNorm1d):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.normal_(module.bias, 0.0, 0.3)
+    flux = torch.randn(4, 1, 3900)
+
+    def trunk(net: BossNet) -> torch.Tensor:  # the convolutional part, before the pooling and the linear layers
+        x = net.first_conv(torch.cat([flux, net.pos_enc(flux)], dim=1))
+        for block in net.res_blocks:
+            x = block(x)
+        return x
+
+    with torch.inference_mode():
+        features = trunk(network)
+        expected = network(flux)
+    config.to_yaml(tmp_path)
+    save_state_dict(network.state_dict(), tmp_path)
+    folded = load_model(tmp_path, convolution=mode).network
+    assert not any(isinstance(module, torch.nn.BatchNorm1d) for module in folded.modules())
+    with torch.inference_mode():
+        folded_features = trunk(folded)
+        torch.testing.assert_close(folded_features, features, rtol=0, atol=2e-6 * float(features.abs().max()))
+        torch.testing.assert_close(folded(flux), expected, rtol=1e-5, atol=1e-6)
+    assert {layer.last_implementation for layer in folded.modules() if hasattr(layer, "last_implementation")} == {mode}
+    with pytest.raises(ValueError, match="inference-mode BatchNorm"):
+        BossNet(config).train().fold_batch_norms()
+
+
 def test_even_kernel_geometry_matches_reference_description() -> None:
     """Even k: the first conv returns L + 1 samples (MaxPool floors), residual blocks keep the length."""
     network = BossNet(BossNetConfig.from_dict({**SMALL, "kernel_size": 30, "dim_mults": [1, 2, 4]})).eval()

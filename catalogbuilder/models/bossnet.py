@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from catalogbuilder.constants import BOSSNET_PARAMS_BOSS, DEFAULT_DRAWS, GRID_APOGEE, GRID_OPTICAL
 from catalogbuilder.models.convolution import Conv1d, set_convolution_mode
@@ -128,6 +129,10 @@ class ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(nn.functional.elu(self.bn(self.conv_layer(x))))
 
+    def fold_batch_norm(self) -> None:
+        """Inference only: the BatchNorm folded into the convolution (:func:`fold_batch_norm`)."""
+        self.bn = fold_batch_norm(self.conv_layer, self.bn)
+
 
 class ResidualBlock(nn.Module):
     """Two bias-free Conv1d + BatchNorm with ELU between, residual added before the final ELU.
@@ -152,6 +157,34 @@ class ResidualBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         residual = nn.functional.pad(x, self.channel_padding) if any(self.channel_padding) else x
         return nn.functional.elu(out + residual)
+
+    def fold_batch_norm(self) -> None:
+        """Inference only: both BatchNorms folded into their convolutions (:func:`fold_batch_norm`)."""
+        self.bn1 = fold_batch_norm(self.conv1, self.bn1)
+        self.bn2 = fold_batch_norm(self.conv2, self.bn2)
+
+
+def fold_batch_norm(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Identity:
+    """Fold an inference-mode BatchNorm that follows ``conv`` into the convolution's weight and bias (computed in
+    float64, stored in the weight's dtype); returns the identity that replaces the BatchNorm.
+
+    bn(conv(x)) = conv(x) · γ/√(var + ε) + β − mean · γ/√(var + ε) is again a convolution; folded, a forward pass
+    skips one pass over every convolution's output (full-size APOGEE Net III: 25 of ~280 ms at 21 rows on one CPU
+    thread), and the FFT form adds the bias in its zero-frequency bin. Equal in exact arithmetic; in float32 the
+    outputs differ by rounding (~1e-7 relative). ``ValueError`` for a BatchNorm in training mode or without running
+    statistics (its output would then depend on the batch)."""
+    if bn.training or conv.training or bn.running_mean is None or bn.running_var is None:
+        raise ValueError("only an inference-mode BatchNorm with running statistics can be folded into a convolution")
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the caller is in
+
+        def float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.detach().double()
+
+        weight, bias = fuse_conv_bn_weights(float64(conv.weight), float64(conv.bias), float64(bn.running_mean),
+                                            float64(bn.running_var), bn.eps, float64(bn.weight), float64(bn.bias))
+        conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+    return nn.Identity()
 
 
 class LinearBlock(nn.Module):
@@ -190,11 +223,22 @@ class BossNet(nn.Module):
             flux = flux.unsqueeze(1)
         if flux.ndim != 3 or flux.shape[1] != 1:
             raise ValueError(f"BossNet expects (batch, pixels) or (batch, 1, pixels); got {tuple(flux.shape)}")
+        return self.linear_sequential(self.features(flux))
+
+    def features(self, flux: torch.Tensor) -> torch.Tensor:
+        """The convolutional part and the pooling: (batch, 1, pixels) → (batch, channels × pooled length)."""
         x = torch.cat([flux, self.pos_enc(flux)], dim=1) if self.pos_enc is not None else flux
         x = self.first_conv(x)
         for block in self.res_blocks:
             x = block(x)
-        return self.linear_sequential(self.adapt_pool(x).flatten(1))
+        return self.adapt_pool(x).flatten(1)
+
+    def fold_batch_norms(self) -> None:
+        """Inference only: every BatchNorm folded into the convolution before it (:func:`fold_batch_norm`); the
+        network's ``state_dict`` then no longer has the official keys (never save a folded network)."""
+        self.first_conv.fold_batch_norm()
+        for block in self.res_blocks:
+            block.fold_batch_norm()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
         """Load a state_dict strictly (every key and shape must match), with a clear error otherwise.
@@ -224,6 +268,8 @@ class BossNetModel(SpectralModel):
     Output columns of the network are the first ``num_targets`` of ``logg, logTeff, FeH, rv`` (SPEC §3).
     ``convolution``: ``auto`` (default; per layer and input shape the faster of torch's convolution and the FFT
     form, which agree to 1e-5 relative: :mod:`catalogbuilder.models.convolution`), ``direct`` or ``fft``.
+    ``fold_batch_norms`` (default): the BatchNorms are folded into the convolutions (:func:`fold_batch_norm`, float32
+    rounding differences only); off, the network computes exactly as the published definition.
     ``autocast_dtype`` (e.g. ``torch.bfloat16``), ``compile`` and ``allow_tf32`` trade exactness for speed and are off
     by default; conformance holds only with all three off. On a CUDA device the default sets the process-wide cuDNN
     convolution precision to IEEE float32 (PyTorch otherwise runs float32 convolutions in TF32 on Ampere and newer GPUs,
@@ -234,10 +280,12 @@ class BossNetModel(SpectralModel):
     def __init__(self, network: BossNet, info: ModelInfo, grid: str, stats: dict[str, tuple[float, float]],
                  weights_sha256: str, device: torch.device, max_batch: int = DEFAULT_MAX_BATCH,
                  autocast_dtype: torch.dtype | None = None, compile: bool = False, allow_tf32: bool = False,
-                 convolution: str = "auto") -> None:
+                 convolution: str = "auto", fold_batch_norms: bool = True) -> None:
         self.labels: tuple[str, ...] = BOSSNET_PARAMS_BOSS[:network.config.num_targets]
         super().__init__(info, grid, weights_sha256, bossnet_outputs(network.config.num_targets), device)
         self.network = network.to(device).eval()
+        if fold_batch_norms:
+            self.network.fold_batch_norms()
         set_convolution_mode(self.network, convolution)
         self.stats = stats
         self.max_batch = max_batch
