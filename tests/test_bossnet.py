@@ -111,6 +111,21 @@ def test_folded_batch_norms_compute_the_published_network(tmp_path: Path, mode: 
         BossNet(config).train().fold_batch_norms()
 
 
+def test_trunk_blocks_give_the_rows_of_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU passes run the convolutions in blocks of at most trunk_rows rows (here 7 rows as 3 + 2 + 2) and the linear
+    layers once on all rows: the same values as one pass, and the linear layers really see every row at once."""
+    network = randomised(BossNet(BossNetConfig.from_dict({**SMALL, "kernel_size": 8})), seed=2)
+    flux = torch.randn(7, 1, 500)
+    with torch.inference_mode():
+        whole = network(flux)
+        blocks, heads = [], []
+        network.trunk_rows = 3
+        monkeypatch.setattr(network, "features", lambda x, plain=network.features: blocks.append(len(x)) or plain(x))
+        network.linear_sequential.register_forward_hook(lambda module, inputs, output: heads.append(len(inputs[0])))
+        torch.testing.assert_close(network(flux), whole, rtol=1e-6, atol=1e-6)
+    assert blocks == [3, 2, 2] and heads == [7]
+
+
 def test_even_kernel_geometry_matches_reference_description() -> None:
     """Even k: the first conv returns L + 1 samples (MaxPool floors), residual blocks keep the length."""
     network = BossNet(BossNetConfig.from_dict({**SMALL, "kernel_size": 30, "dim_mults": [1, 2, 4]})).eval()

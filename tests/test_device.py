@@ -54,7 +54,7 @@ def test_a_cpu_worker_on_a_gpu_node_loads_the_model_on_cpu(cuda_visible: None, c
                                                                                            nthreads=1))
     plugin = ModelPlugin(str(summary.directory), summary.weights_sha256, device="auto", draws=20)
     plugin.load(worker)
-    assert plugin.model.device.type == "cpu" and plugin.model.max_batch == 21
+    assert plugin.model.device.type == "cpu" and plugin.model.max_batch == 84  # 4 spectra: CPU_DEFAULT_ROWS
     skipped = ModelPlugin(str(summary.directory), summary.weights_sha256, gpu_workers_only=True)
     skipped.load(worker)
     assert skipped.model is None, "with GPU workers in the cluster, CPU workers load nothing"
@@ -110,7 +110,7 @@ def test_commands_start_a_gpu_cluster_by_default_where_there_are_gpus(fake_gpu_m
     (call,) = fake_gpu_machine
     assert call["resources"] == {GPU_RESOURCE: 1} and call["threads_per_worker"] == cluster.GPU_WORKER_THREADS
     output = capsys.readouterr().out
-    assert "5 ok" in output and "24 rows per forward pass" in output, output  # 8 spectra x (2 draws + 1)
+    assert "5 ok" in output and "96 rows per forward pass" in output, output  # 32 spectra x (2 draws + 1)
     assert (SpectrumStore.open(store).results.read()["status"] == STATUS_OK).all()
 
     assert catalogbuilder_main(["infer", "--store", str(store), "--model", str(conformance_dir / "apogee_small"),
@@ -140,12 +140,12 @@ def test_precisions_map_to_model_options() -> None:
 
 
 def test_forward_rows_candidates_tile_a_store_chunk() -> None:
-    assert forward_rows_candidates("cpu", 20) == (21, 42), "whole spectra: the noiseless row and 20 draws each"
+    assert forward_rows_candidates("cpu", 20) == (21, 42, 84, 168), "whole spectra: the noiseless row and 20 draws"
     assert forward_rows_candidates("cuda", 20) == (336, 672, 1344, 2688)
-    assert forward_rows_candidates("cpu", 0) == (8, 16, 32, 64)
-    assert forward_rows_candidates("cpu", 100) == (101,), "one spectrum's rows even above the limit"
+    assert forward_rows_candidates("cpu", 0) == (32, 64, 128, 256)
+    assert forward_rows_candidates("cpu", 300) == (301,), "one spectrum's rows even above the limit"
     assert (default_forward_rows("cpu", 20), default_forward_rows("cpu", 0), default_forward_rows("cuda", 20)) == (
-        21, 32, 336)
+        84, 64, 336)
 
 
 class TimedModel:
