@@ -152,6 +152,30 @@ def test_auto_measures_once_per_shape_and_keeps_the_faster(monkeypatch: pytest.M
     assert layer.last_implementation == "fft"
 
 
+def test_the_measuring_forward_returns_the_measured_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first ``auto`` forward of a shape returns the output its measurement computed with the chosen form, equal
+    to the next forward of the same input, instead of computing it once more; under autocast the float32 first turn
+    is not the caller's arithmetic, and the output of the timed turn in the caller's autocast state is returned."""
+    calls = []
+    layer = Conv1d(8, 8, 30, padding=15)
+    set_convolution_mode(layer, "auto")
+    for name in ("forward_direct", "forward_fft"):
+        original = getattr(layer, name)
+        monkeypatch.setattr(layer, name, lambda x, original=original, name=name: calls.append(name) or original(x))
+    monkeypatch.setattr(convolution, "DECISIVE_RATIO", 1.0)  # each timed turn decides
+    monkeypatch.setattr(convolution, "FIRST_CALL_MIN_SECONDS", 0.0)  # the float32 first turn counts as a timing
+    x = torch.randn(3, 8, 700)
+    for autocast, turns in ((False, 1), (True, 2)):
+        forget_convolution_choices()
+        calls.clear()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            first = layer(x)
+            assert calls == ["forward_direct", "forward_fft"] * turns, "measured, not computed once more"
+            calls.clear()
+            again = layer(x)
+        assert calls == [f"forward_{layer.last_implementation}"] and torch.equal(first, again), autocast
+
+
 def test_auto_keeps_torch_when_the_fft_form_is_slower_or_inexact(monkeypatch: pytest.MonkeyPatch,
                                                                  tmp_path: Path) -> None:
     layer = Conv1d(4, 4, 30, padding=15)

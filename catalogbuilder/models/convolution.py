@@ -198,18 +198,22 @@ class Conv1d(nn.Conv1d):
         """torch's own convolution (nn.Conv1d.forward)."""
         return super().forward(x)
 
-    def implementation_for(self, x: torch.Tensor) -> str:
-        """The implementation this forward uses: ``direct`` whenever gradients are needed or no FFT form exists."""
+    def implementation_for(self, x: torch.Tensor) -> tuple[str, torch.Tensor | None]:
+        """The implementation this forward uses — ``direct`` whenever gradients are needed or no FFT form exists —
+        and its output on ``x`` when the selection has just computed it (None otherwise)."""
         if self.mode == "direct" or not self.fft_supported() or x.ndim != 3:
-            return "direct"
+            return "direct", None
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
-            return "direct"
+            return "direct", None
         if self.mode == "fft":
-            return "fft"
-        return select_implementation(self, x).implementation
+            return "fft", None
+        choice, output = select_implementation(self, x)
+        return choice.implementation, output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.last_implementation = self.implementation_for(x)
+        self.last_implementation, output = self.implementation_for(x)
+        if output is not None:
+            return output
         return self.forward_fft(x) if self.last_implementation == "fft" else self.forward_direct(x)
 
 
@@ -232,31 +236,41 @@ def _timed(function: Callable[[], torch.Tensor], device: torch.device) -> tuple[
     return time.perf_counter() - began, result
 
 
-def select_implementation(layer: Conv1d, x: torch.Tensor) -> ConvolutionChoice:
+def select_implementation(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionChoice, torch.Tensor | None]:
     """The cached choice for this layer and input shape: this process's, else this machine's shared one
-    (:mod:`catalogbuilder.models.measurements`), else measured on ``x`` now (module docstring)."""
+    (:mod:`catalogbuilder.models.measurements`), else measured on ``x`` now (module docstring); and, when measured
+    now, the chosen implementation's output on ``x`` (the first forward pass does not compute it a third time)."""
     key = choice_key(layer, x)
     with _CHOICES_LOCK:
         choice = _CHOICES.get(key)
     if choice is not None:
-        return choice
+        return choice, None
     # Measured outside the lock: worker threads of one process that meet a new shape together measure it side by
     # side, on their own cores, as they will then compute it (one holding the others idle cost ~1 s per run); the
     # first measurement stored (this machine's shared one, else this process's first) is the one all of them use.
-    shared = first_measurement("convolution", key, str(x.device), lambda: dataclasses.asdict(_measure(layer, x)))
+    outputs: dict[str, torch.Tensor] = {}
+
+    def measure() -> dict:
+        choice, computed = _measure(layer, x)
+        outputs.update(computed)
+        return dataclasses.asdict(choice)
+
+    shared = first_measurement("convolution", key, str(x.device), measure)
     with _CHOICES_LOCK:
         if key not in _CHOICES:
             choice = _CHOICES[key] = ConvolutionChoice(**shared)
             log.info("convolution %s: %s (direct %.2f ms, fft %.2f ms, deviation %.1e)", key, choice.implementation,
                      1e3 * choice.direct_seconds, 1e3 * choice.fft_seconds, choice.deviation)
-        return _CHOICES[key]
+        choice = _CHOICES[key]
+    return choice, outputs.get(choice.implementation)
 
 
-def _measure(layer: Conv1d, x: torch.Tensor) -> ConvolutionChoice:
+def _measure(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionChoice, dict[str, torch.Tensor]]:
     """Run both implementations on ``x`` in turns: first in float32 without autocast, which checks agreement and is
     the first timing (unless the caller autocasts, or a call took under :data:`FIRST_CALL_MIN_SECONDS`, where one-off
     set-up costs would weigh); then timed again in the caller's autocast state until there are :data:`TIMING_REPEATS`
-    timings each, or one implementation was :data:`DECISIVE_RATIO` times faster."""
+    timings each, or one implementation was :data:`DECISIVE_RATIO` times faster. Returns the choice and each
+    implementation's output on ``x`` as the caller would have computed it (empty where no turn was)."""
     autocast = torch.is_autocast_enabled(x.device.type)
     with torch.no_grad():
         layer.weight_spectrum(fft_conv1d_length(x.shape[-1], layer.kernel_size[0], layer.padding[0]))  # not timed
@@ -264,19 +278,22 @@ def _measure(layer: Conv1d, x: torch.Tensor) -> ConvolutionChoice:
             exact = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
             direct_time, direct = _timed(lambda: layer.forward_direct(exact), x.device)
             fft_time, fft = _timed(lambda: layer.forward_fft(exact), x.device)
+        outputs = {} if autocast or exact.dtype != x.dtype else {"direct": direct, "fft": fft}
         scale = float(direct.abs().max())
         difference = float((fft - direct).abs().max())
         deviation = difference / scale if scale > 0 else difference
         if not deviation <= AGREEMENT_TOLERANCE:
-            return ConvolutionChoice("direct", direct_time, fft_time, deviation)
+            return ConvolutionChoice("direct", direct_time, fft_time, deviation), outputs
         first_counts = not autocast and min(direct_time, fft_time) >= FIRST_CALL_MIN_SECONDS
         direct_times, fft_times = ([direct_time], [fft_time]) if first_counts else ([], [])
         while not _decided(direct_times, fft_times):
-            direct_times.append(_timed(lambda: layer.forward_direct(x), x.device)[0])
-            fft_times.append(_timed(lambda: layer.forward_fft(x), x.device)[0])
+            for times, name, implementation in ((direct_times, "direct", layer.forward_direct),
+                                                (fft_times, "fft", layer.forward_fft)):
+                seconds, outputs[name] = _timed(lambda: implementation(x), x.device)
+                times.append(seconds)
     best_direct, best_fft = min(direct_times), min(fft_times)
     return ConvolutionChoice("fft" if best_fft * FFT_MARGIN < best_direct else "direct", best_direct, best_fft,
-                             deviation)
+                             deviation), outputs
 
 
 def _decided(direct_times: list[float], fft_times: list[float]) -> bool:
