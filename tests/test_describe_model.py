@@ -2,6 +2,7 @@
 says; the weights checksum is cached per file identity and follows rewritten weights."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -34,13 +35,17 @@ def test_summary_equals_the_loaded_model_and_loads_no_weights(conformance_dir: P
     assert photometric.photometry_keys == (*loaded["sos-photometric-demo"].config.bands, "parallax")
 
 
-def test_checksum_is_cached_and_follows_new_weights(conformance_dir: Path, tmp_path: Path) -> None:
+def test_checksum_is_cached_and_follows_new_weights(conformance_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     model_dir = Path(shutil.copytree(conformance_dir / "apogee_small", tmp_path / "model"))
     first = describe_model(model_dir).weights_sha256
-    hashed = weights._cached_files_sha256.cache_info().misses
+    opened = []
+    monkeypatch.setattr(weights, "open", lambda *args, **kwargs: opened.append(args) or open(*args, **kwargs),
+                        raising=False)
     assert describe_model(model_dir).weights_sha256 == first
-    assert weights._cached_files_sha256.cache_info().misses == hashed, "unchanged files are not read again"
-    state_dict, _ = weights.load_state_dict(model_dir)
+    assert not opened, "unchanged files are not read again"
+    state_dict, loaded = weights.load_state_dict(model_dir)
+    assert loaded == first == hashlib.sha256(weights.read_weight_bytes(model_dir)).hexdigest()
     state_dict["linear_sequential.2.bias"] += 1.0  # same size, rewritten at once
     new = weights.save_state_dict(state_dict, model_dir)
     assert describe_model(model_dir).weights_sha256 == new != first

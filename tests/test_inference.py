@@ -276,6 +276,11 @@ def test_new_weights_recompute_every_row(client: Client, store: Path, small_mode
     assert (np.abs(new["logg"] - old["logg"]) > 1e-3).all(), "the new weights really were used"
 
 
+def held_models(dask_worker: object) -> list[int]:
+    """Identities of the models a worker's plugins hold (``client.run`` passes the worker)."""
+    return [id(plugin.model) for plugin in dask_worker.plugins.values() if getattr(plugin, "model", None) is not None]
+
+
 def test_results_do_not_depend_on_chunking_or_worker_count(client: Client, store: Path, small_model: Path,
                                                             tmp_path: Path) -> None:
     one_chunk = run_inference(client, store, small_model, draws=4, seed=7, progress=False)
@@ -287,6 +292,9 @@ def test_results_do_not_depend_on_chunking_or_worker_count(client: Client, store
     for two_workers in local_client(2):
         split = run_inference(two_workers, other, small_model, draws=4, seed=7, spectra_per_task=2, batch_size=1,
                               progress=False)
+        held = two_workers.run(held_models)
+        assert len(held) == 2 and len({model for models in held.values() for model in models}) == 1, (
+            "the in-process workers share one copy of the model")
     assert len(split.chunks) == 3 and len({chunk.worker for chunk in split.chunks}) == 2
     rerun = results_of(other).read().set_index("spectrum_id").loc[reference.index]
     assert (reference["status"] == STATUS_OK).all()

@@ -19,7 +19,9 @@ import dataclasses
 import itertools
 import logging
 import platform
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,10 +129,11 @@ class ModelPlugin(WorkerPlugin):
 
     def load(self, worker: Any) -> None:
         """Load the model onto this worker's device; torch uses as many threads as the worker has (one on a GPU
-        worker, whose threads run tasks side by side)."""
+        worker, whose threads run tasks side by side). CPU workers of one process (``infer``'s local cluster runs
+        them as threads) share one copy: the first loads it while the others wait, then all predict with it (a
+        model's forward pass keeps no per-call state on the model; its rows per forward pass are chosen before it is
+        shared)."""
         import torch
-
-        from catalogbuilder.models.registry import load_model
 
         holds_gpu = worker.state.total_resources.get(GPU_RESOURCE, 0) > 0
         if self.gpu_workers_only and not holds_gpu:
@@ -139,8 +142,24 @@ class ModelPlugin(WorkerPlugin):
         torch.set_num_threads(1 if device == "cuda" else max(1, int(worker.state.nthreads)))
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device 'cuda' requested but worker {worker.address} sees no CUDA device")
-        if device == "cpu":
-            reuse_freed_memory()
+        if device != "cpu":
+            self.model = self.load_model(worker, device)
+            return
+        reuse_freed_memory()
+        key = (self.name, self.weights_sha256, torch.get_num_threads())
+        with _PROCESS_MODELS_LOCK:
+            lock = _PROCESS_MODEL_LOADING.setdefault(key, threading.Lock())
+        with lock:
+            model = _PROCESS_MODELS.get(key)
+            if model is None:
+                model = _PROCESS_MODELS[key] = self.load_model(worker, device)
+        self.model = model
+
+    def load_model(self, worker: Any, device: str) -> Any:
+        """The model on ``device`` with its rows per forward pass set; ``RuntimeError`` when its weights are not
+        the ones the run was planned with."""
+        from catalogbuilder.models.registry import load_model
+
         options = precision_options(self.precision)
         if self.convolution != "auto":  # a BossNet option; other families have no choice to force
             options["convolution"] = self.convolution
@@ -156,7 +175,7 @@ class ModelPlugin(WorkerPlugin):
             choose_forward_rows(model, self.draws, forward_rows_candidates(device, self.draws))
         else:
             model.max_batch = default_forward_rows(device, self.draws)
-        self.model = model
+        return model
 
     def teardown(self, worker: Any) -> None:
         """Drop the model (and its GPU memory)."""
@@ -165,6 +184,12 @@ class ModelPlugin(WorkerPlugin):
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+# CPU models of this process by (plugin name, weights, torch threads), held while a plugin holds them.
+_PROCESS_MODELS: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
+_PROCESS_MODEL_LOADING: dict[tuple, threading.Lock] = {}
+_PROCESS_MODELS_LOCK = threading.Lock()
 
 
 def plugin_forward_rows(plugin: str, dask_worker: Any = None) -> int | None:

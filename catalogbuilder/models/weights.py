@@ -7,9 +7,9 @@ trained here loads exactly like the official weights. The SHA-256 of the concate
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,7 +74,16 @@ def files_sha256(paths: Sequence[str | Path]) -> str:
     Cached per (path, size, modification time) of every file — plus inode and change time, so a file replaced within
     the file system's time resolution (``save_state_dict`` renames new files into place) is hashed again — so planning
     a run on weights already hashed in this process costs a few ``stat`` calls."""
-    return _cached_files_sha256(tuple(_file_identity(Path(path)) for path in paths))
+    identities = tuple(_file_identity(Path(path)) for path in paths)
+    checksum = _known_sha256(identities)
+    if checksum is None:
+        digest = hashlib.sha256()
+        for identity in identities:
+            with open(identity[0], "rb") as handle:
+                while block := handle.read(HASH_BLOCK_BYTES):
+                    digest.update(block)
+        checksum = _remember_sha256(identities, digest.hexdigest())
+    return checksum
 
 
 def _file_identity(path: Path) -> tuple[str, int, int, int, int]:
@@ -83,14 +92,22 @@ def _file_identity(path: Path) -> tuple[str, int, int, int, int]:
     return str(path.resolve()), status.st_size, status.st_mtime_ns, status.st_ino, status.st_ctime_ns
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_files_sha256(identities: tuple[tuple[str, int, int, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    for identity in identities:
-        with open(identity[0], "rb") as handle:
-            while block := handle.read(HASH_BLOCK_BYTES):
-                digest.update(block)
-    return digest.hexdigest()
+_HASHES: dict[tuple[tuple[str, int, int, int, int], ...], str] = {}  # file identities → sha256, oldest first
+_HASHES_LOCK = threading.Lock()
+MAX_KNOWN_HASHES = 64
+
+
+def _known_sha256(identities: tuple[tuple[str, int, int, int, int], ...]) -> str | None:
+    with _HASHES_LOCK:
+        return _HASHES.get(identities)
+
+
+def _remember_sha256(identities: tuple[tuple[str, int, int, int, int], ...], checksum: str) -> str:
+    with _HASHES_LOCK:
+        _HASHES[identities] = checksum
+        while len(_HASHES) > MAX_KNOWN_HASHES:
+            del _HASHES[next(iter(_HASHES))]
+    return checksum
 
 
 def weights_sha256(path: str | Path) -> str:
@@ -100,8 +117,18 @@ def weights_sha256(path: str | Path) -> str:
 
 
 def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str]:
-    """Load weights (chunked directory or single file) with ``weights_only=True``; returns (state_dict, sha256)."""
-    data = read_weight_bytes(path)
+    """Load weights (chunked directory or single file) with ``weights_only=True``; returns (state_dict, sha256).
+
+    The checksum is this process's :func:`files_sha256` of the files when they are unchanged from before the read to
+    after it and were hashed already (a run plans on it, then its in-process workers load: 0.24 s of SHA-256 for a
+    full-size APOGEE Net III), else the SHA-256 of the bytes read."""
+    files = find_weights(path)
+    before = tuple(_file_identity(part) for part in files)
+    data = b"".join(part.read_bytes() for part in files)
+    unchanged = tuple(_file_identity(part) for part in files) == before
+    checksum = (_known_sha256(before) if unchanged else None) or bytes_sha256(data)
+    if unchanged:
+        _remember_sha256(before, checksum)
     try:
         state_dict = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or non-weights files
@@ -109,7 +136,7 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
                            f"{_torch_reason(error)})") from error
     if not isinstance(state_dict, dict):
         raise WeightsError(f"{path}: expected a state_dict mapping, got {type(state_dict).__name__}")
-    return state_dict, bytes_sha256(data)
+    return state_dict, checksum
 
 
 def _torch_reason(error: Exception) -> str:
