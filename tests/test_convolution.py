@@ -176,6 +176,27 @@ def test_the_measuring_forward_returns_the_measured_output(monkeypatch: pytest.M
         assert calls == [f"forward_{layer.last_implementation}"] and torch.equal(first, again), autocast
 
 
+@pytest.mark.parametrize(("times", "turns", "chosen"), [
+    ((0.2, 0.03), 1, "fft"),  # 0.2 - 0.05 s of possible set-up cost is still 1.5 x 0.03 s: decided
+    ((0.03, 0.2), 1, "direct"),
+    ((0.06, 0.03, 0.05, 0.04, 0.05, 0.04, 0.05, 0.04), 4, "fft"),  # a 33 ms first call can be set-up: more turns
+])
+def test_first_turn_decides_alone_only_beyond_its_set_up_cost(monkeypatch: pytest.MonkeyPatch, times: tuple,
+                                                            turns: int, chosen: str) -> None:
+    """Scripted timings (direct, fft per turn): the first turn, whose calls include one-off set-up costs, ends the
+    measurement only when one form stays DECISIVE_RATIO times faster after FIRST_CALL_MIN_SECONDS is taken off the
+    slower one; otherwise the turns go on up to TIMING_REPEATS timed ones."""
+    forget_convolution_choices()
+    scripted = iter(times)
+    timed = []
+    monkeypatch.setattr(convolution, "_timed", lambda function, device: (timed.append(1) or next(scripted), function()))
+    layer = Conv1d(4, 4, 30, padding=15)
+    set_convolution_mode(layer, "auto")
+    with torch.inference_mode():
+        layer(torch.randn(2, 4, 300))
+    assert len(timed) == 2 * turns and layer.last_implementation == chosen
+
+
 def test_auto_keeps_torch_when_the_fft_form_is_slower_or_inexact(monkeypatch: pytest.MonkeyPatch,
                                                                  tmp_path: Path) -> None:
     layer = Conv1d(4, 4, 30, padding=15)

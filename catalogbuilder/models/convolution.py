@@ -45,7 +45,9 @@ DECISIVE_RATIO = 1.5
 FREQUENCY_BLOCK_BYTES = 1 << 20  # complex input (or output) of one band of the FFT form's channel matmul on the CPU
 TIMING_REPEATS = 3  # turns of timed calls at most (the first also checks agreement)
 # The first call of a shape includes one-off costs (mkldnn primitives, FFT plans, a few ms): it counts as a timing only
-# when both calls took longer than this (measured: a 6 ms convolution's first call took 33 ms).
+# when both calls took longer than this (measured: a 6 ms convolution's first call took 33 ms), or as a decisive first
+# turn when the slower call minus this is still DECISIVE_RATIO times the faster one (full-size APOGEE Net III: 117 vs
+# 38 ms for 32 -> 64 channels at 21 rows; a second turn of it cost 0.16 s per worker on a first run).
 FIRST_CALL_MIN_SECONDS = 0.05
 FFT_RADICES: tuple[int, ...] = (2, 3, 5)  # FFT lengths are products of these (fast for pocketfft and cuFFT)
 
@@ -268,8 +270,9 @@ def select_implementation(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionCh
 def _measure(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionChoice, dict[str, torch.Tensor]]:
     """Run both implementations on ``x`` in turns: first in float32 without autocast, which checks agreement and is
     the first timing (unless the caller autocasts, or a call took under :data:`FIRST_CALL_MIN_SECONDS`, where one-off
-    set-up costs would weigh); then timed again in the caller's autocast state until there are :data:`TIMING_REPEATS`
-    timings each, or one implementation was :data:`DECISIVE_RATIO` times faster. Returns the choice and each
+    set-up costs would weigh; it decides alone when one form is :data:`DECISIVE_RATIO` times faster even with that
+    much set-up cost taken off the slower); then timed again in the caller's autocast state until there are
+    :data:`TIMING_REPEATS` timings each, or one implementation was :data:`DECISIVE_RATIO` times faster. Returns the choice and each
     implementation's output on ``x`` as the caller would have computed it (empty where no turn was)."""
     autocast = torch.is_autocast_enabled(x.device.type)
     with torch.no_grad():
@@ -286,7 +289,11 @@ def _measure(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionChoice, dict[st
             return ConvolutionChoice("direct", direct_time, fft_time, deviation), outputs
         first_counts = not autocast and min(direct_time, fft_time) >= FIRST_CALL_MIN_SECONDS
         direct_times, fft_times = ([direct_time], [fft_time]) if first_counts else ([], [])
-        while not _decided(direct_times, fft_times):
+        slower, faster = max(direct_time, fft_time), min(direct_time, fft_time)
+        decisive_first = not autocast and slower - FIRST_CALL_MIN_SECONDS >= DECISIVE_RATIO * faster
+        if decisive_first:
+            direct_times, fft_times = [direct_time], [fft_time]
+        while not decisive_first and not _decided(direct_times, fft_times):
             for times, name, implementation in ((direct_times, "direct", layer.forward_direct),
                                                 (fft_times, "fft", layer.forward_fft)):
                 seconds, outputs[name] = _timed(lambda: implementation(x), x.device)
