@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from catalogbuilder import __version__
 from catalogbuilder.config import EXIT_CONFIG_ERROR, ConfigError
@@ -43,5 +47,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
 
 
+def exit_after(command: Callable[[], int | None]) -> NoReturn:
+    """Run a console script's ``command`` and end the process with its exit status, skipping the interpreter's
+    teardown.
+
+    Tearing down an interpreter that imported torch and Dask and held a model took 0.7-1.6 s after
+    ``catalogbuilder infer`` on the full-size APOGEE Net III (module clean-up and C++ static destructors), time a user
+    waits for that changes nothing: by then the commands have committed every store write and closed every cluster
+    they started (``with`` blocks). Standard streams and logging handlers are flushed first. ``SystemExit`` (argparse's
+    usage errors, ``--help``) gives its status; an uncaught exception ends the ordinary way (traceback, status 1)."""
+    try:
+        status = command()
+    except SystemExit as request:
+        status = request.code
+    if status is not None and not isinstance(status, int):  # sys.exit("message"): printed, status 1
+        print(status, file=sys.stderr)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
+            stream.flush()
+    logging.shutdown()
+    os._exit(status or 0)
+
+
+def console_main() -> NoReturn:
+    """The ``catalogbuilder`` console script: :func:`main`, then :func:`exit_after`'s prompt exit."""
+    exit_after(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -21,6 +21,7 @@ import runpy
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from distributed import Client
 
@@ -112,5 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     return run(entry, args, workflow_argv)
 
 
+def console_main() -> NoReturn:
+    """The ``dask-submit`` console script: :func:`main`, then a prompt exit (:func:`catalogbuilder.cli.exit_after`)."""
+    from catalogbuilder.cli import exit_after
+
+    exit_after(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from distributed import LocalCluster
 
-from catalogbuilder import cli, pipeline, submit
+from catalogbuilder import __version__, cli, pipeline, submit
 from catalogbuilder.store import SpectrumStore
 from catalogbuilder.config import (
     DEFAULT_MODELS,
@@ -253,6 +253,23 @@ def test_the_console_script_prints_no_traceback(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (f"dask-submit: {bad}: jobqueue.slurm: got {{'cores': 4}}; allowed: keyword "
                                    "arguments of dask-jobqueue's slurm cluster, including cores and memory")
+
+
+@pytest.mark.parametrize(("argv", "status", "stdout"), [
+    (["--help"], 0, "help"), (["--version"], 0, "version"), (["bogus"], 2, ""),
+    (["infer", "--store", "missing-store", "--model", "anet3-cannon-demo"], 2, ""),
+])
+def test_the_console_script_exits_promptly_with_its_status_and_whole_output(tmp_path: Path, argv: list[str],
+                                                                            status: int, stdout: str) -> None:
+    """``python -m catalogbuilder.cli`` ends through ``exit_after`` (no interpreter teardown): the exit status of the
+    command or of argparse, and its output delivered whole into a pipe (block-buffered, flushed before the exit)."""
+    done = subprocess.run([sys.executable, "-m", "catalogbuilder.cli", *argv], capture_output=True, text=True,
+                          check=False, timeout=120, cwd=tmp_path)
+    assert done.returncode == status, done.stderr
+    expected = {"help": cli.build_parser().format_help(), "version": f"catalogbuilder {__version__}\n", "": ""}[stdout]
+    assert done.stdout == expected
+    if status:
+        assert done.stderr.strip().splitlines()[-1].startswith(("catalogbuilder: error", "catalogbuilder infer: no"))
 
 
 # --- model info (catalogbuilder.yaml) ---------------------------------------------------------------------------------
