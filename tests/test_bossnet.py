@@ -126,6 +126,24 @@ def test_trunk_blocks_give_the_rows_of_one_pass(monkeypatch: pytest.MonkeyPatch)
     assert blocks == [3, 2, 2] and heads == [7]
 
 
+@pytest.mark.parametrize(("length", "outputs", "matmul"), [
+    (4288, 1024, True), (4288, 256, True), (257, 8, True), (10, 20, True), (1950, 1024, False), (8575, 1000, False)])
+def test_adaptive_pooling_by_period_matmul_equals_torch(monkeypatch: pytest.MonkeyPatch, length: int, outputs: int,
+                                                       matmul: bool) -> None:
+    """Short periods (full-size APOGEE Net III: 67 inputs → 16 outputs) average by one matmul, equal to torch's
+    adaptive pooling to float32 rounding; long periods use torch's own (the same bits)."""
+    from catalogbuilder.models.bossnet import AdaptiveAvgPool1d
+
+    x = torch.nn.functional.elu(torch.randn(3, 4, length, generator=torch.Generator().manual_seed(length)))
+    used = []
+    original = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: used.append(b.shape) or original(a, b))
+    pooled = AdaptiveAvgPool1d(outputs)(x)
+    expected = torch.nn.functional.adaptive_avg_pool1d(x, outputs)
+    assert bool(used) == matmul
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=0 if not matmul else 4e-7 * float(expected.abs().max()))
+
+
 def test_even_kernel_geometry_matches_reference_description() -> None:
     """Even k: the first conv returns L + 1 samples (MaxPool floors), residual blocks keep the length."""
     network = BossNet(BossNetConfig.from_dict({**SMALL, "kernel_size": 30, "dim_mults": [1, 2, 4]})).eval()
