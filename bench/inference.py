@@ -236,7 +236,7 @@ def main() -> None:
         torch.set_num_threads(args.workers if args.device == "cpu" else 1)
         if args.conv_table:
             convolution_table(model_dir, max(args.draws, 1), args.device)
-        model = load_model(model_dir, device=args.device, convolution="direct", fold_batch_norms=False)  # as published
+        model = load_model(model_dir, device=args.device, convolution="direct", inference_forms=False)  # as published
         opened = SpectrumStore.open(store)
         columns = opened.columns(model.grid, ("spectrum_id", "kind"))
         positions = np.flatnonzero(predicted(columns["kind"]))  # what infer predicts (not apStar row 1)

@@ -102,13 +102,14 @@ def test_folded_batch_norms_compute_the_published_network(tmp_path: Path, mode: 
     save_state_dict(network.state_dict(), tmp_path)
     folded = load_model(tmp_path, convolution=mode).network
     assert not any(isinstance(module, torch.nn.BatchNorm1d) for module in folded.modules())
+    assert folded.adapt_pool.by_period and not network.adapt_pool.by_period
     with torch.inference_mode():
         folded_features = trunk(folded)
         torch.testing.assert_close(folded_features, features, rtol=0, atol=2e-6 * float(features.abs().max()))
         torch.testing.assert_close(folded(flux), expected, rtol=1e-5, atol=1e-6)
     assert {layer.last_implementation for layer in folded.modules() if hasattr(layer, "last_implementation")} == {mode}
     with pytest.raises(ValueError, match="inference-mode BatchNorm"):
-        BossNet(config).train().fold_batch_norms()
+        BossNet(config).train().use_inference_forms()
 
 
 def test_trunk_blocks_give_the_rows_of_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,8 +139,11 @@ def test_adaptive_pooling_by_period_matmul_equals_torch(monkeypatch: pytest.Monk
     used = []
     original = torch.Tensor.__matmul__
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: used.append(b.shape) or original(a, b))
-    pooled = AdaptiveAvgPool1d(outputs)(x)
+    pool = AdaptiveAvgPool1d(outputs)
     expected = torch.nn.functional.adaptive_avg_pool1d(x, outputs)
+    assert torch.equal(pool(x), expected) and not used, "the published form unless asked (training, the reference)"
+    pool.by_period = True
+    pooled = pool(x)
     assert bool(used) == matmul
     torch.testing.assert_close(pooled, expected, rtol=0, atol=0 if not matmul else 4e-7 * float(expected.abs().max()))
 

@@ -194,8 +194,8 @@ def fold_batch_norm(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Identity:
 
 
 class AdaptiveAvgPool1d(nn.AdaptiveAvgPool1d):
-    """``nn.AdaptiveAvgPool1d`` that averages with one small matmul on the CPU where its windows repeat with a short
-    period.
+    """``nn.AdaptiveAvgPool1d`` that, with ``by_period`` set (an inference form, :meth:`BossNet.use_inference_forms`),
+    averages with one small matmul on the CPU where its windows repeat with a short period.
 
     Window j covers inputs floor(j·L/O) … ceil((j + 1)·L/O) − 1; with g = gcd(L, O) the pattern repeats every L/g
     inputs and O/g outputs, so the pooling is (rows · channels · g, L/g) @ (L/g, O/g) with 1/width in each window.
@@ -205,11 +205,15 @@ class AdaptiveAvgPool1d(nn.AdaptiveAvgPool1d):
 
     MAX_PERIOD_OUTPUTS = 32  # matmul cost per input value: this many multiply-adds
 
+    def __init__(self, output_size: int) -> None:
+        super().__init__(output_size)
+        self.by_period = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         length, outputs = x.shape[-1], int(self.output_size if isinstance(self.output_size, int) else self.output_size[0])
         period = math.gcd(length, outputs)
-        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dtype not in (torch.float32, torch.float64)
-                or outputs // period > self.MAX_PERIOD_OUTPUTS):
+        if (not self.by_period or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+                or x.dtype not in (torch.float32, torch.float64) or outputs // period > self.MAX_PERIOD_OUTPUTS):
             return super().forward(x)
         weights = period_weights(length // period, outputs // period, x.dtype)
         return (x.reshape(-1, length // period) @ weights).reshape(*x.shape[:-1], outputs)
@@ -281,12 +285,14 @@ class BossNet(nn.Module):
             x = block(x)
         return self.adapt_pool(x).flatten(1)
 
-    def fold_batch_norms(self) -> None:
-        """Inference only: every BatchNorm folded into the convolution before it (:func:`fold_batch_norm`); the
-        network's ``state_dict`` then no longer has the official keys (never save a folded network)."""
+    def use_inference_forms(self) -> None:
+        """Inference only: every BatchNorm folded into the convolution before it (:func:`fold_batch_norm`) and the
+        adaptive pooling by period matmul (:class:`AdaptiveAvgPool1d`) — the published network up to float32 rounding.
+        The ``state_dict`` then no longer has the official keys: never save such a network."""
         self.first_conv.fold_batch_norm()
         for block in self.res_blocks:
             block.fold_batch_norm()
+        self.adapt_pool.by_period = True
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
         """Load a state_dict strictly (every key and shape must match), with a clear error otherwise.
@@ -316,8 +322,9 @@ class BossNetModel(SpectralModel):
     Output columns of the network are the first ``num_targets`` of ``logg, logTeff, FeH, rv`` (SPEC §3).
     ``convolution``: ``auto`` (default; per layer and input shape the faster of torch's convolution and the FFT
     form, which agree to 1e-5 relative: :mod:`catalogbuilder.models.convolution`), ``direct`` or ``fft``.
-    ``fold_batch_norms`` (default): the BatchNorms are folded into the convolutions (:func:`fold_batch_norm`, float32
-    rounding differences only); off, the network computes exactly as the published definition.
+    ``inference_forms`` (default): BatchNorms folded into the convolutions and pooling by matmul
+    (:meth:`BossNet.use_inference_forms`, float32 rounding differences only); off, the network computes exactly as the
+    published definition.
     ``autocast_dtype`` (e.g. ``torch.bfloat16``), ``compile`` and ``allow_tf32`` trade exactness for speed and are off
     by default; conformance holds only with all three off. On a CUDA device the default sets the process-wide cuDNN
     convolution precision to IEEE float32 (PyTorch otherwise runs float32 convolutions in TF32 on Ampere and newer GPUs,
@@ -328,12 +335,12 @@ class BossNetModel(SpectralModel):
     def __init__(self, network: BossNet, info: ModelInfo, grid: str, stats: dict[str, tuple[float, float]],
                  weights_sha256: str, device: torch.device, max_batch: int = DEFAULT_MAX_BATCH,
                  autocast_dtype: torch.dtype | None = None, compile: bool = False, allow_tf32: bool = False,
-                 convolution: str = "auto", fold_batch_norms: bool = True) -> None:
+                 convolution: str = "auto", inference_forms: bool = True) -> None:
         self.labels: tuple[str, ...] = BOSSNET_PARAMS_BOSS[:network.config.num_targets]
         super().__init__(info, grid, weights_sha256, bossnet_outputs(network.config.num_targets), device)
         self.network = network.to(device).eval()
-        if fold_batch_norms:
-            self.network.fold_batch_norms()
+        if inference_forms:
+            self.network.use_inference_forms()
         self.network.trunk_rows = CPU_TRUNK_ROWS if self.device.type == "cpu" else None
         set_convolution_mode(self.network, convolution)
         self.stats = stats
