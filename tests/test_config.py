@@ -272,6 +272,20 @@ def test_the_console_script_exits_promptly_with_its_status_and_whole_output(tmp_
         assert done.stderr.strip().splitlines()[-1].startswith(("catalogbuilder: error", "catalogbuilder infer: no"))
 
 
+def test_the_prompt_exit_runs_exit_handlers_and_finalizers(tmp_path: Path) -> None:
+    """What libraries leave for the end of the process (atexit handlers, weakref.finalize callbacks such as a Dask
+    scheduler removing its scheduler file) still runs before the prompt exit, and the status is the command's."""
+    code = ("import atexit, weakref; from pathlib import Path; from catalogbuilder.cli import exit_after\n"
+            "class Owner: pass\n"
+            "owner = Owner()\n"
+            f"weakref.finalize(owner, Path({str(tmp_path / 'finalized')!r}).touch)\n"
+            f"atexit.register(Path({str(tmp_path / 'handled')!r}).touch)\n"
+            "exit_after(lambda: print('done') or 3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 3 and done.stdout == "done\n", done.stderr
+    assert (tmp_path / "finalized").exists() and (tmp_path / "handled").exists()
+
+
 # --- model info (catalogbuilder.yaml) ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(path.name for path in SHIPPED_MODELS_DIR.iterdir() if path.is_dir()))
