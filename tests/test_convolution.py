@@ -164,29 +164,32 @@ def test_the_measuring_forward_returns_the_measured_output(monkeypatch: pytest.M
         monkeypatch.setattr(layer, name, lambda x, original=original, name=name: calls.append(name) or original(x))
     monkeypatch.setattr(convolution, "DECISIVE_RATIO", 1.0)  # each timed turn decides
     monkeypatch.setattr(convolution, "FIRST_CALL_MIN_SECONDS", 0.0)  # the float32 first turn counts as a timing
+    monkeypatch.setattr(convolution, "matmul_rate", lambda device, dtype: 1e18)  # torch's convolution is timed
     x = torch.randn(3, 8, 700)
     for autocast, turns in ((False, 1), (True, 2)):
         forget_convolution_choices()
         calls.clear()
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             first = layer(x)
-            assert calls == ["forward_direct", "forward_fft"] * turns, "measured, not computed once more"
+            expected = ["forward_fft", "forward_direct"] + ["forward_direct", "forward_fft"] * (turns - 1)
+            assert calls == expected, "measured, not computed once more"
             calls.clear()
             again = layer(x)
         assert calls == [f"forward_{layer.last_implementation}"] and torch.equal(first, again), autocast
 
 
 @pytest.mark.parametrize(("times", "turns", "chosen"), [
-    ((0.2, 0.03), 1, "fft"),  # 0.2 - 0.05 s of possible set-up cost is still 1.5 x 0.03 s: decided
-    ((0.03, 0.2), 1, "direct"),
-    ((0.06, 0.03, 0.05, 0.04, 0.05, 0.04, 0.05, 0.04), 4, "fft"),  # a 33 ms first call can be set-up: more turns
+    ((0.03, 0.2), 1, "fft"),  # 0.2 - 0.05 s of possible set-up cost is still 1.5 x 0.03 s: decided
+    ((0.2, 0.03), 1, "direct"),
+    ((0.03, 0.06, 0.05, 0.04, 0.05, 0.04, 0.05, 0.04), 4, "fft"),  # a 33 ms first call can be set-up: more turns
 ])
 def test_first_turn_decides_alone_only_beyond_its_set_up_cost(monkeypatch: pytest.MonkeyPatch, times: tuple,
                                                             turns: int, chosen: str) -> None:
-    """Scripted timings (direct, fft per turn): the first turn, whose calls include one-off set-up costs, ends the
-    measurement only when one form stays DECISIVE_RATIO times faster after FIRST_CALL_MIN_SECONDS is taken off the
-    slower one; otherwise the turns go on up to TIMING_REPEATS timed ones."""
+    """Scripted timings (first turn: fft, direct; later turns: direct, fft): the first turn, whose calls include
+    one-off set-up costs, ends the measurement only when one form stays DECISIVE_RATIO times faster after
+    FIRST_CALL_MIN_SECONDS is taken off the slower one; otherwise the turns go on up to TIMING_REPEATS timed ones."""
     forget_convolution_choices()
+    monkeypatch.setattr(convolution, "matmul_rate", lambda device, dtype: 1e18)  # the bound never decides here
     scripted = iter(times)
     timed = []
     monkeypatch.setattr(convolution, "_timed", lambda function, device: (timed.append(1) or next(scripted), function()))
@@ -195,6 +198,46 @@ def test_first_turn_decides_alone_only_beyond_its_set_up_cost(monkeypatch: pytes
     with torch.inference_mode():
         layer(torch.randn(2, 4, 300))
     assert len(timed) == 2 * turns and layer.last_implementation == chosen
+
+
+def test_torch_convolution_is_not_timed_where_even_the_matmul_rate_loses(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    """A layer whose multiply-adds take longer at PEAK_SAFETY x the device's matmul rate than 1.5 x the FFT form's
+    time: torch's convolution runs on one row only (the agreement check), the FFT form is chosen with that bound as
+    torch's time; an FFT form that disagrees is still caught (then both are timed on every row)."""
+    layer = Conv1d(8, 8, 30, padding=15)
+    set_convolution_mode(layer, "auto")
+    rows = []
+    original = layer.forward_direct
+    monkeypatch.setattr(layer, "forward_direct", lambda x: rows.append(len(x)) or original(x))
+    monkeypatch.setattr(convolution, "matmul_rate", lambda device, dtype: 1e3)  # a very slow device: a large bound
+    x = torch.randn(5, 8, 700)
+    forget_convolution_choices()
+    with torch.inference_mode():
+        layer(x)
+    (choice,) = convolution_choices().values()
+    assert rows == [1] and choice.implementation == "fft" and not choice.direct_timed
+    assert choice.direct_seconds == pytest.approx(2 * 5 * 8 * 8 * 30 * 701 / (convolution.PEAK_SAFETY * 1e3))
+    assert 0 < choice.deviation < 1e-5
+    fft_form = layer.forward_fft
+    monkeypatch.setattr(layer, "forward_fft", lambda x: fft_form(x) + 1.0)  # wrong: caught on the row
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "another-machine"))
+    forget_convolution_choices()
+    rows.clear()
+    with torch.inference_mode():
+        layer(x)
+    (choice,) = convolution_choices().values()
+    assert rows[:2] == [1, 5] and choice.implementation == "direct" and choice.direct_timed
+
+
+def test_the_matmul_rate_is_measured_once_per_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(convolution, "_RATES", {})
+    rate = convolution.matmul_rate(torch.device("cpu"), torch.float32)
+    assert 1e8 < rate < 1e13  # FLOP/s of a CPU
+    monkeypatch.setattr(convolution, "_RATES", {})
+    monkeypatch.setattr(convolution, "_measure_rate", lambda device, dtype: pytest.fail("measured again"))
+    assert convolution.matmul_rate(torch.device("cpu"), torch.float32) == rate, "read from the machine's file"
 
 
 def test_auto_keeps_torch_when_the_fft_form_is_slower_or_inexact(monkeypatch: pytest.MonkeyPatch,

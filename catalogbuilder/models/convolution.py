@@ -50,17 +50,24 @@ TIMING_REPEATS = 3  # turns of timed calls at most (the first also checks agreem
 # 38 ms for 32 -> 64 channels at 21 rows; a second turn of it cost 0.16 s per worker on a first run).
 FIRST_CALL_MIN_SECONDS = 0.05
 FFT_RADICES: tuple[int, ...] = (2, 3, 5)  # FFT lengths are products of these (fast for pocketfft and cuFFT)
+# torch's convolution is assumed able to run this many times faster than the device's measured matmul rate: its time
+# is bounded below by its multiply-adds at that rate (the bound decides without timing it only 1.5x beyond the FFT
+# form's time). Measured on an AVX-512 core: square matmuls 78-172 GFLOP/s, the full-size 64 -> 64 convolution 88.
+PEAK_SAFETY = 1.25
+PEAK_SIZES: tuple[int, ...] = (512, 768)  # square matmuls timed for the rate (3 timed calls each after a warm-up)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvolutionChoice:
-    """What the selection measured for one layer shape: the implementation kept, the best seconds of each, and the
-    largest deviation of the FFT form relative to max |direct|."""
+    """What the selection measured for one layer shape: the implementation kept, the best seconds of each (for torch's
+    convolution its lower bound when it was not timed, ``direct_timed``), and the largest deviation of the FFT form
+    relative to max |direct|."""
 
     implementation: str
     direct_seconds: float
     fft_seconds: float
     deviation: float
+    direct_timed: bool = True  # False: direct_seconds is the lower bound from the matmul rate (not timed)
 
     @property
     def speedup(self) -> float:
@@ -268,23 +275,31 @@ def select_implementation(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionCh
 
 
 def _measure(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionChoice, dict[str, torch.Tensor]]:
-    """Run both implementations on ``x`` in turns: first in float32 without autocast, which checks agreement and is
-    the first timing (unless the caller autocasts, or a call took under :data:`FIRST_CALL_MIN_SECONDS`, where one-off
-    set-up costs would weigh; it decides alone when one form is :data:`DECISIVE_RATIO` times faster even with that
-    much set-up cost taken off the slower); then timed again in the caller's autocast state until there are
-    :data:`TIMING_REPEATS` timings each, or one implementation was :data:`DECISIVE_RATIO` times faster. Returns the choice and each
-    implementation's output on ``x`` as the caller would have computed it (empty where no turn was)."""
+    """Run both implementations on ``x`` in turns: first in float32 without autocast (the FFT form, then torch's
+    convolution), which checks agreement and is the first timing (unless the caller autocasts, or a call took under
+    :data:`FIRST_CALL_MIN_SECONDS`, where one-off set-up costs would weigh; it decides alone when one form is
+    :data:`DECISIVE_RATIO` times faster even with that much set-up cost taken off the slower); then timed again in the
+    caller's autocast state until there are :data:`TIMING_REPEATS` timings each, or one implementation was
+    :data:`DECISIVE_RATIO` times faster. When torch's convolution cannot come within :data:`DECISIVE_RATIO` of the FFT
+    form's first time even at the device's matmul rate (:func:`direct_seconds_bound`) it is not timed: agreement is
+    checked on one row. Returns the choice and each implementation's output on ``x`` as the caller would have computed
+    it (empty where no turn was)."""
     autocast = torch.is_autocast_enabled(x.device.type)
     with torch.no_grad():
         layer.weight_spectrum(fft_conv1d_length(x.shape[-1], layer.kernel_size[0], layer.padding[0]))  # not timed
         with torch.autocast(x.device.type, enabled=False):
             exact = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-            direct_time, direct = _timed(lambda: layer.forward_direct(exact), x.device)
             fft_time, fft = _timed(lambda: layer.forward_fft(exact), x.device)
-        outputs = {} if autocast or exact.dtype != x.dtype else {"direct": direct, "fft": fft}
-        scale = float(direct.abs().max())
-        difference = float((fft - direct).abs().max())
-        deviation = difference / scale if scale > 0 else difference
+            outputs = {} if autocast or exact.dtype != x.dtype else {"fft": fft}
+            bound = direct_seconds_bound(layer, exact)
+            if not autocast and bound >= DECISIVE_RATIO * fft_time:  # torch's convolution cannot be that fast
+                deviation = _deviation(fft[:1], layer.forward_direct(exact[:1]))  # agreement on one row
+                if deviation <= AGREEMENT_TOLERANCE:
+                    return ConvolutionChoice("fft", bound, fft_time, deviation, direct_timed=False), outputs
+            direct_time, direct = _timed(lambda: layer.forward_direct(exact), x.device)
+        if outputs:
+            outputs["direct"] = direct
+        deviation = _deviation(fft, direct)
         if not deviation <= AGREEMENT_TOLERANCE:
             return ConvolutionChoice("direct", direct_time, fft_time, deviation), outputs
         first_counts = not autocast and min(direct_time, fft_time) >= FIRST_CALL_MIN_SECONDS
@@ -301,6 +316,51 @@ def _measure(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionChoice, dict[st
     best_direct, best_fft = min(direct_times), min(fft_times)
     return ConvolutionChoice("fft" if best_fft * FFT_MARGIN < best_direct else "direct", best_direct, best_fft,
                              deviation), outputs
+
+
+def _deviation(fft: torch.Tensor, direct: torch.Tensor) -> float:
+    """max |fft − direct| / max |direct| (the absolute difference where direct is all zeros)."""
+    scale = float(direct.abs().max())
+    difference = float((fft - direct).abs().max())
+    return difference / scale if scale > 0 else difference
+
+
+def direct_seconds_bound(layer: Conv1d, x: torch.Tensor) -> float:
+    """Seconds torch's convolution of ``x`` takes at least: its multiply-adds (2·rows·in·out·k per output sample) at
+    :data:`PEAK_SAFETY` × the device's measured matmul rate in ``x``'s dtype (:func:`matmul_rate`)."""
+    kernel, stride, padding = layer.kernel_size[0], layer.stride[0], layer.padding[0]
+    outputs = (x.shape[-1] + 2 * padding - kernel) // stride + 1
+    flops = 2.0 * x.shape[0] * layer.in_channels * layer.out_channels * kernel * outputs
+    return flops / (PEAK_SAFETY * matmul_rate(x.device, x.dtype))
+
+
+_RATES: dict[tuple, float] = {}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of square matmuls on ``device`` in ``dtype`` at this process's thread count: the best of
+    :data:`PEAK_SIZES`, measured once per machine kind (:func:`~catalogbuilder.models.measurements.first_measurement`,
+    ~40 ms on a CPU core)."""
+    key = (str(device), str(dtype), torch.get_num_threads() if device.type == "cpu" else 0,
+           device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    rate = _RATES.get(key)
+    if rate is None:
+        measured = first_measurement("matmul-rate", key, str(device), lambda: {"flops": _measure_rate(device, dtype)})
+        rate = _RATES[key] = float(measured["flops"])
+    return rate
+
+
+def _measure_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """The best FLOP/s of :data:`PEAK_SIZES` square matmuls (a warm-up call, then three timed ones each)."""
+    best = 0.0
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for size in PEAK_SIZES:
+            left, right = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device,
+                                                                                          dtype=dtype)
+            left @ right
+            for _ in range(3):
+                best = max(best, 2.0 * size**3 / _timed(lambda: left @ right, device)[0])
+    return best
 
 
 def _decided(direct_times: list[float], fft_times: list[float]) -> bool:
