@@ -297,7 +297,7 @@ def test_results_do_not_depend_on_chunking_or_worker_count(client: Client, store
             "the in-process workers share one copy of the model")
     assert len(split.chunks) == 3 and len({chunk.worker for chunk in split.chunks}) == 2
     rerun = results_of(other).read().set_index("spectrum_id").loc[reference.index]
-    assert (reference["status"] == STATUS_OK).all()
+    assert (reference["status"] == STATUS_OK).all(), reference["reason"].tolist()
     for column in MODEL_OUTPUT_COLUMNS:
         np.testing.assert_array_equal(rerun[column].to_numpy(), reference[column].to_numpy(), err_msg=column)
     assert (reference["raw_e_teff"].drop(index=reference.index[reference["reason"] != ""]) > 0).all()

@@ -53,7 +53,7 @@ def test_draws_are_reproducible_and_depend_on_the_seed(apogee_case) -> None:
     assert np.all(first["raw_e_logg"] > 0) and not np.array_equal(first["raw_e_logg"], other["raw_e_logg"])
 
 
-FORWARD_NOISE = 1e-6  # × max(1, |value|): float32 rounding of forward passes of different batch compositions (~1e-7)
+FORWARD_NOISE = 4e-6  # × max(1, |value|): float32 rounding of other batch compositions and forms (1.4e-6 seen)
 
 
 def assert_same_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
