@@ -50,8 +50,8 @@ from catalogbuilder.constants import (
     PRECISIONS,
     RESAMPLED_GRIDS,
     DERIVED_GRID_NAME,
+    SURVEY_CHOICES,
 )
-from catalogbuilder.readers import SURVEY_CHOICES
 
 EXIT_CONFIG_ERROR = 2  # exit status of every command for a usage or configuration error
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"

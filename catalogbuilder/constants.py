@@ -28,6 +28,8 @@ GRID_APOGEE = "apogee"
 GRID_OPTICAL = "optical"
 
 SURVEYS: tuple[str, ...] = ("apogee", "boss", "lamost")
+# ``read_spectra``/``ingest --survey`` values: detect, or one reader's format (readers.READERS checks it has them all)
+SURVEY_CHOICES: tuple[str, ...] = ("auto", "apogee", "apogee-visit", "boss", "lamost")
 # Canonical model outputs (SpectralModel.outputs): teff K, logg dex, fe_h dex, rv km/s
 MODEL_OUTPUTS: tuple[str, ...] = ("teff", "logg", "fe_h", "rv")
 SURVEY_GRID: dict[str, str] = {"apogee": GRID_APOGEE, "boss": GRID_OPTICAL, "lamost": GRID_OPTICAL}

@@ -25,12 +25,15 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from catalogbuilder.constants import DEFAULT_ERROR_FRACTION, ERROR_CAP_FACTOR, NATIVE_PIXEL_GRIDS, NOISELESS_PREFIX
-from catalogbuilder.readers.base import Spectrum
+
+if TYPE_CHECKING:  # the readers (and astropy) are not needed to predict
+    from catalogbuilder.readers.base import Spectrum
 
 DEFAULT_MAX_BATCH: int = 512  # rows (spectrum × (noiseless + draws)) per forward pass
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from astropy.io import fits
 
+from catalogbuilder.constants import SURVEY_CHOICES
 from catalogbuilder.readers import boss, lamost
 from catalogbuilder.readers.apstar import ApStarReader
 from catalogbuilder.readers.apvisit import ApVisitReader
@@ -43,10 +44,11 @@ __all__ = [
     "reverse_inverse_error",
 ]
 
-AUTO = "auto"
+AUTO = SURVEY_CHOICES[0]
 # Tried in this order by the detection; each tests the header/HDU layout only.
 READERS: tuple[FitsReader, ...] = (ApStarReader(), ApVisitReader(), BossReader(), LamostReader())
-SURVEY_CHOICES: tuple[str, ...] = (AUTO, *(reader.survey for reader in READERS))
+if SURVEY_CHOICES != (AUTO, *(reader.survey for reader in READERS)):
+    raise ImportError(f"constants.SURVEY_CHOICES {SURVEY_CHOICES} does not name the readers' formats")
 
 
 def _detect(hdul: fits.HDUList) -> FitsReader:

@@ -25,7 +25,7 @@ EXIT_CONFLICT = 3
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``ingest`` and ``store`` sub-commands."""
-    from catalogbuilder.readers import SURVEY_CHOICES
+    from catalogbuilder.constants import SURVEY_CHOICES
 
     ingest = subparsers.add_parser(
         "ingest",
