@@ -25,7 +25,8 @@ the 2 CPU cores of a development machine::
     python bench/inference.py --full-size --spectra 80 --workers 2 --repeats 3
 
 ``--conv-table`` also prints, per convolution layer of the model at one spectrum's draws per forward pass, torch's
-convolution vs the FFT form (seconds, speed-up, deviation) and both whole forward passes.
+convolution vs the FFT form (seconds — "≥" where torch's was not timed, being slower even at the device's matmul
+rate — speed-up, deviation) and both whole forward passes.
 """
 from __future__ import annotations
 
@@ -184,7 +185,8 @@ def _convolution_table(model, rows: int, device: str) -> None:  # noqa: ANN001 -
           f"{'deviation':>10}  chosen")
     for key, choice in convolution_choices().items():
         n_in, n_out, kernel, _, padding, length = key[3:9]
-        print(f"  {n_in:>4} {n_out:>4} {kernel:>3} {padding:>4} {length:>7} {1e3 * choice.direct_seconds:>10.1f} "
+        direct = f"{'' if choice.direct_timed else '≥'}{1e3 * choice.direct_seconds:.1f}"  # ≥: the matmul-rate bound
+        print(f"  {n_in:>4} {n_out:>4} {kernel:>3} {padding:>4} {length:>7} {direct:>10} "
               f"{1e3 * choice.fft_seconds:>8.1f} {choice.speedup:>8.2f}x {choice.deviation:>10.1e}  "
               f"{choice.implementation}")
     seconds = {}
