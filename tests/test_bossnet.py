@@ -148,6 +148,20 @@ def test_adaptive_pooling_by_period_matmul_equals_torch(monkeypatch: pytest.Monk
     torch.testing.assert_close(pooled, expected, rtol=0, atol=0 if not matmul else 4e-7 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize(("c_in", "c_out"), [(4, 8), (3, 8), (8, 8)])
+def test_residual_add_in_place_gives_the_same_bits(c_in: int, c_out: int) -> None:
+    """Without gradients a growing residual block adds x into its own output's middle channels instead of adding a
+    zero-padded copy of x: the same sums (x + 0 = x), the same bits as the published form used in training."""
+    from catalogbuilder.models.bossnet import ResidualBlock
+
+    block = randomised(ResidualBlock(c_in, c_out, 30), seed=c_in)
+    x = torch.randn(3, c_in, 500, generator=torch.Generator().manual_seed(c_out))
+    with torch.no_grad():
+        in_place = block(x)
+    published = block(x).detach()  # gradients on: the zero-padded residual
+    assert torch.equal(in_place, published)
+
+
 def test_even_kernel_geometry_matches_reference_description() -> None:
     """Even k: the first conv returns L + 1 samples (MaxPool floors), residual blocks keep the length."""
     network = BossNet(BossNetConfig.from_dict({**SMALL, "kernel_size": 30, "dim_mults": [1, 2, 4]})).eval()

@@ -161,6 +161,11 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = nn.functional.elu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        if any(self.channel_padding) and not torch.is_grad_enabled():
+            # the same sums without the zero-padded copy of x: out is this call's own tensor (full-size APOGEE Net
+            # III, 21 rows: ~7 ms of ~200 per forward pass)
+            out[:, self.channel_padding[2]:out.shape[1] - self.channel_padding[3]] += x
+            return nn.functional.elu(out)
         residual = nn.functional.pad(x, self.channel_padding) if any(self.channel_padding) else x
         return nn.functional.elu(out + residual)
 
