@@ -189,9 +189,9 @@ class Conv1d(nn.Conv1d):
         weight = self.weight.detach()
         key = (n_fft, weight.device, weight.dtype, weight.data_ptr(), self.weight._version)
         spectrum = self._spectra.get(key)
-        if spectrum is None:
-            self._spectra = {key: kernel_spectrum(weight, self.padding[0], n_fft)}  # only the current weight's
-            spectrum = self._spectra[key]
+        if spectrum is None:  # worker threads sharing the layer may both compute it; each keeps its own result
+            spectrum = kernel_spectrum(weight, self.padding[0], n_fft)
+            self._spectra = {key: spectrum}  # only the current weight's
         return spectrum
 
     def forward_fft(self, x: torch.Tensor) -> torch.Tensor:
