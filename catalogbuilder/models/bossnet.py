@@ -226,12 +226,14 @@ class AdaptiveAvgPool1d(nn.AdaptiveAvgPool1d):
 
 @functools.lru_cache(maxsize=16)
 def period_weights(inputs: int, outputs: int, dtype: torch.dtype) -> torch.Tensor:
-    """(inputs, outputs) averaging weights of one period of adaptive average pooling (:class:`AdaptiveAvgPool1d`)."""
-    weights = torch.zeros(inputs, outputs, dtype=torch.float64)
-    for output in range(outputs):
-        first, end = output * inputs // outputs, -(-(output + 1) * inputs // outputs)
-        weights[first:end, output] = 1.0 / (end - first)
-    return weights.to(dtype)
+    """(inputs, outputs) averaging weights of one period of adaptive average pooling (:class:`AdaptiveAvgPool1d`); an
+    ordinary tensor even when first asked for in inference mode (it is cached for every later caller)."""
+    with torch.inference_mode(False):
+        weights = torch.zeros(inputs, outputs, dtype=torch.float64)
+        for output in range(outputs):
+            first, end = output * inputs // outputs, -(-(output + 1) * inputs // outputs)
+            weights[first:end, output] = 1.0 / (end - first)
+        return weights.to(dtype)
 
 
 class LinearBlock(nn.Module):
