@@ -51,9 +51,10 @@ TIMING_REPEATS = 3  # turns of timed calls at most (the first also checks agreem
 FIRST_CALL_MIN_SECONDS = 0.05
 FFT_RADICES: tuple[int, ...] = (2, 3, 5)  # FFT lengths are products of these (fast for pocketfft and cuFFT)
 # torch's convolution is assumed able to run this many times faster than the device's measured matmul rate (the best
-# of six square matmuls): its time is bounded below by its multiply-adds at that rate, and the bound decides without
-# timing it only 1.5x beyond the FFT form's time. Measured on an AVX-512 core: square matmuls 78-172 GFLOP/s, the
-# full-size 32 -> 64 and 64 -> 64 convolutions 88-95 (mkldnn's direct kernels run on the same FMA units).
+# of six square matmuls): its time is bounded below by its multiply-adds at that rate. A bound beyond FFT_MARGIN x the
+# FFT form's first time (an upper bound on its best) decides as the full timing would, without timing it. Measured on
+# an AVX-512 core: square matmuls 78-172 GFLOP/s, the full-size 32 -> 64 and 64 -> 64 convolutions 88-95 (mkldnn's
+# direct kernels run on the same FMA units).
 PEAK_SAFETY = 1.0
 PEAK_SIZES: tuple[int, ...] = (512, 768)  # square matmuls timed for the rate (3 timed calls each after a warm-up)
 
@@ -281,8 +282,9 @@ def _measure(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionChoice, dict[st
     :data:`FIRST_CALL_MIN_SECONDS`, where one-off set-up costs would weigh; it decides alone when one form is
     :data:`DECISIVE_RATIO` times faster even with that much set-up cost taken off the slower); then timed again in the
     caller's autocast state until there are :data:`TIMING_REPEATS` timings each, or one implementation was
-    :data:`DECISIVE_RATIO` times faster. When torch's convolution cannot come within :data:`DECISIVE_RATIO` of the FFT
-    form's first time even at the device's matmul rate (:func:`direct_seconds_bound`) it is not timed: agreement is
+    :data:`DECISIVE_RATIO` times faster. When torch's convolution cannot come within :data:`FFT_MARGIN` of the FFT
+    form's first time even at the device's matmul rate (:func:`direct_seconds_bound`), the timing could only choose
+    the FFT form (its best time is at most its first, torch's at least the bound): it is not timed, and agreement is
     checked on one row. Returns the choice and each implementation's output on ``x`` as the caller would have computed
     it (empty where no turn was)."""
     autocast = torch.is_autocast_enabled(x.device.type)
@@ -293,7 +295,7 @@ def _measure(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionChoice, dict[st
             fft_time, fft = _timed(lambda: layer.forward_fft(exact), x.device)
             outputs = {} if autocast or exact.dtype != x.dtype else {"fft": fft}
             bound = direct_seconds_bound(layer, exact)
-            if not autocast and bound >= DECISIVE_RATIO * fft_time:  # torch's convolution cannot be that fast
+            if not autocast and bound > FFT_MARGIN * fft_time:  # the timed choice could only be the FFT form
                 deviation = _deviation(fft[:1], layer.forward_direct(exact[:1]))  # agreement on one row
                 if deviation <= AGREEMENT_TOLERANCE:
                     return ConvolutionChoice("fft", bound, fft_time, deviation, direct_timed=False), outputs
