@@ -124,7 +124,7 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     full-size APOGEE Net III), else the SHA-256 of the bytes read."""
     files = find_weights(path)
     before = tuple(_file_identity(part) for part in files)
-    data = b"".join(part.read_bytes() for part in files)
+    data = read_weight_bytes(path)
     unchanged = tuple(_file_identity(part) for part in files) == before
     checksum = (_known_sha256(before) if unchanged else None) or bytes_sha256(data)
     if unchanged:
