@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CATALOGBUILDER_CACHE_DIR"  # overrides $XDG_CACHE_HOME/catalogbuilder (default ~/.cache/catalogbuilder)
-FORMAT_VERSION = 1  # part of every key: a new format never reads old files
+FORMAT_VERSION = 2  # part of every key: a new format never reads old files (2: ConvolutionChoice.direct_timed)
 
 
 def measurements_directory() -> Path:
