@@ -1,7 +1,7 @@
 """The spectrum store: layout, the single writer, the read handle every stage receives, ingest, lineage and results.
 
-The ingest names are imported on first use (PEP 562): ingest needs the FITS readers and astropy, which the stages that
-only read the store (inference, release) never load.
+The ingest names are imported on first use (PEP 562): ingest needs the FITS readers and astropy, which inference
+never loads.
 """
 
 from __future__ import annotations
