@@ -305,12 +305,10 @@ def _measure(layer: Conv1d, x: torch.Tensor) -> tuple[ConvolutionChoice, dict[st
         deviation = _deviation(fft, direct)
         if not deviation <= AGREEMENT_TOLERANCE:
             return ConvolutionChoice("direct", direct_time, fft_time, deviation), outputs
-        first_counts = not autocast and min(direct_time, fft_time) >= FIRST_CALL_MIN_SECONDS
-        direct_times, fft_times = ([direct_time], [fft_time]) if first_counts else ([], [])
         slower, faster = max(direct_time, fft_time), min(direct_time, fft_time)
         decisive_first = not autocast and slower - FIRST_CALL_MIN_SECONDS >= DECISIVE_RATIO * faster
-        if decisive_first:
-            direct_times, fft_times = [direct_time], [fft_time]
+        first_counts = decisive_first or (not autocast and faster >= FIRST_CALL_MIN_SECONDS)
+        direct_times, fft_times = ([direct_time], [fft_time]) if first_counts else ([], [])
         while not decisive_first and not _decided(direct_times, fft_times):
             for times, name, implementation in ((direct_times, "direct", layer.forward_direct),
                                                 (fft_times, "fft", layer.forward_fft)):
