@@ -176,6 +176,9 @@ DEFAULT_BATCH_SIZE: int = 256  # spectra per model.predict call (= a store chunk
 DEFAULT_RETRIES: int = 2  # extra attempts of a task whose worker died or that raised
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")  # where workers run a model; auto: cuda on workers holding a GPU
 PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bf16")  # inference arithmetic; float32 reproduces the reference
+# the BossNet family's convolutions (models/convolution.py): measured per layer, torch's own, or the FFT form
+CONVOLUTION_MODES: tuple[str, ...] = ("auto", "direct", "fft")
+ROWS_TUNING_MIN_SPECTRA: int = 512  # pending spectra per slot from which workers measure the rows per forward pass
 
 # --- cross-match ------------------------------------------------------------------------------------------------
 DEFAULT_RADIUS_ARCSEC: float = 1.0  # nearest catalog source within this separation, arcsec

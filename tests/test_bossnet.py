@@ -16,8 +16,8 @@ from catalogbuilder.constants import GRID_APOGEE, GRID_OPTICAL, LABEL_STATS, gri
 from catalogbuilder.models import preprocess, registry
 from catalogbuilder.models.bossnet import BossNet, BossNetConfig, BossNetModel
 from catalogbuilder.models.registry import ModelInfo, SpectralModel, load_model, register_family
-from catalogbuilder.models.weights import (N_CHUNKS, WeightsError, chunk_paths, load_state_dict, read_weight_bytes,
-                                           save_state_dict)
+from catalogbuilder.models.weight_files import N_CHUNKS, WeightsError, chunk_paths, read_weight_bytes
+from catalogbuilder.models.weights import load_state_dict, save_state_dict
 
 SMALL = dict(model_dim=2, dim_mults=[1, 2], kernel_size=5, num_targets=3, adapt_pool_output_dim=8, num_linear=2,
              linear_dim=16, pos_enc=True)

@@ -295,6 +295,16 @@ def test_the_infer_command_does_not_load_the_fits_readers() -> None:
     assert done.stdout.strip() == "[]"
 
 
+
+def test_parsing_a_command_line_and_hashing_weights_import_no_torch() -> None:
+    """Building the parser (every command, ``--help``) and hashing a model's weights import no torch (~1.3 s), so
+    ``infer`` hashes the weights on a second core while it imports torch."""
+    code = ("import sys; import catalogbuilder.cli, catalogbuilder.models.weight_files;"
+            "catalogbuilder.cli.build_parser();"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "[]"
+
 # --- model info (catalogbuilder.yaml) ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(path.name for path in SHIPPED_MODELS_DIR.iterdir() if path.is_dir()))

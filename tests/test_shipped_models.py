@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 from catalogbuilder.models.montecarlo import NativeSpectra
 from catalogbuilder.config import SHIPPED_MODELS_DIR
 from catalogbuilder.models.registry import load_model
-from catalogbuilder.models.weights import find_weights
+from catalogbuilder.models.weight_files import find_weights
 from catalogbuilder.readers import read_spectra
 from catalogbuilder.store.resample import to_model_grid
 from catalogbuilder.training.data import join_labels, read_label_table

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
 from catalogbuilder.cluster import add_cluster_arguments
-from catalogbuilder.constants import DEFAULT_DRAWS
+from catalogbuilder.constants import (
+    CONVOLUTION_MODES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DRAWS,
+    DEFAULT_RETRIES,
+    PRECISIONS,
+    ROWS_TUNING_MIN_SPECTRA,
+)
 
 log = logging.getLogger(__name__)
 
@@ -15,9 +23,7 @@ EXIT_USAGE = 2  # a cluster or device configuration that cannot run (README: usa
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``infer`` sub-command."""
-    from catalogbuilder.inference.device import CPU_DEFAULT_ROWS, GPU_DEFAULT_ROWS, PRECISIONS
-    from catalogbuilder.inference.graph import DEFAULT_BATCH_SIZE, DEFAULT_RETRIES, ROWS_TUNING_MIN_SPECTRA
-    from catalogbuilder.models.convolution import MODES as CONVOLUTION_MODES
+    from catalogbuilder.inference.device import CPU_DEFAULT_ROWS, GPU_DEFAULT_ROWS
 
     parser = subparsers.add_parser(
         "infer",
@@ -69,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     not be written (e.g. a full disk), 2 for a usage error (no store there, unknown model, refused weights, bad
     option or photometry table, a cluster or device configuration that cannot run such as several worker processes on
     one GPU), each with one line."""
+    from catalogbuilder.config import resolve_model_dir
+    from catalogbuilder.models.weight_files import hash_in_background
+
+    with contextlib.suppress(FileNotFoundError):  # an unknown model is reported by run_inference
+        hash_in_background(resolve_model_dir(args.model))  # on a second core while torch and Dask are imported
     from catalogbuilder.cluster import connect_from_args
     from catalogbuilder.inference.graph import ResultsWriteError, run_inference
     from catalogbuilder.store import SpectrumStore, StoreError

@@ -35,11 +35,13 @@ from catalogbuilder.cluster import GPU_RESOURCE
 from catalogbuilder.config import ConfigError
 from catalogbuilder.files import error_line
 from catalogbuilder.constants import (
+    CONVOLUTION_MODES,
     DEFAULT_BATCH_SIZE,
     DEFAULT_DRAWS,
     DEFAULT_RETRIES,
     NATIVE_PIXEL_GRIDS,
     PREDICTED_KINDS,
+    ROWS_TUNING_MIN_SPECTRA,
     GridSpec,
 )
 from catalogbuilder.inference import photometry as phot
@@ -53,7 +55,6 @@ from catalogbuilder.inference.device import (
     shared_gpus,
     worker_gpu_identity,
 )
-from catalogbuilder.models.convolution import MODES as CONVOLUTION_MODES
 from catalogbuilder.models.montecarlo import NativeSpectra
 from catalogbuilder.store import SpectrumStore, StoreRef
 from catalogbuilder.store.layout import SPECTRUM_CHUNK
@@ -73,7 +74,6 @@ MIN_SPECTRA_PER_TASK = 8  # below this a task's overhead (store read, results pa
 # A task holds this share of a GPU worker's ``GPU`` resource: GPU workers run two tasks at once (given two threads,
 # as the local GPU cluster starts them), so one task reads its spectra and writes its results while the other computes.
 GPU_TASK_SHARE = 0.5
-ROWS_TUNING_MIN_SPECTRA = 512  # pending spectra per slot from which workers measure the rows per forward pass
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 REASON_DEGENERATE = "degenerate input: constant model input (e.g. an all-zero spectrum); predicted anyway"
 

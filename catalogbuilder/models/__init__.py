@@ -1,31 +1,44 @@
 """Spectral models: the BossNet family (APOGEE Net III, BOSS Net), the official weight format, reference preprocessing,
-Monte-Carlo uncertainties and the registry ``load_model(name_or_dir)`` that other families plug into (docs/models.md)."""
-from catalogbuilder.models.bossnet import BossNet, BossNetConfig, BossNetModel
-from catalogbuilder.models.montecarlo import cap_errors, canonical_outputs, monte_carlo_predict, spectrum_seed
-from catalogbuilder.models.preprocess import load_label_stats, log_scale_flux, unnormalize
-from catalogbuilder.models.registry import (ModelInfo, ModelSummary, SpectralModel, describe_model, load_model,
-                                            register_family, registered_families)
-from catalogbuilder.models.weights import WeightsError, load_state_dict, save_state_dict
+Monte-Carlo uncertainties and the registry ``load_model(name_or_dir)`` that other families plug into (docs/models.md).
 
-__all__ = [
-    "BossNet",
-    "BossNetConfig",
-    "BossNetModel",
-    "ModelInfo",
-    "ModelSummary",
-    "SpectralModel",
-    "WeightsError",
-    "canonical_outputs",
-    "cap_errors",
-    "describe_model",
-    "load_label_stats",
-    "load_model",
-    "load_state_dict",
-    "log_scale_flux",
-    "monte_carlo_predict",
-    "register_family",
-    "registered_families",
-    "save_state_dict",
-    "spectrum_seed",
-    "unnormalize",
-]
+The names below are imported on first use (PEP 562): importing a torch-free module of this package
+(:mod:`~catalogbuilder.models.weight_files`) does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULE_OF = {
+    "BossNet": "bossnet",
+    "BossNetConfig": "bossnet",
+    "BossNetModel": "bossnet",
+    "ModelInfo": "registry",
+    "ModelSummary": "registry",
+    "SpectralModel": "registry",
+    "WeightsError": "weight_files",
+    "canonical_outputs": "montecarlo",
+    "cap_errors": "montecarlo",
+    "describe_model": "registry",
+    "load_label_stats": "preprocess",
+    "load_model": "registry",
+    "load_state_dict": "weights",
+    "log_scale_flux": "preprocess",
+    "monte_carlo_predict": "montecarlo",
+    "register_family": "registry",
+    "registered_families": "registry",
+    "save_state_dict": "weights",
+    "spectrum_seed": "montecarlo",
+    "unnormalize": "preprocess",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The names of :data:`__all__` from the modules that define them."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+__all__ = sorted(_MODULE_OF)

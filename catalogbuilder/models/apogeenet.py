@@ -40,7 +40,8 @@ from catalogbuilder.models.montecarlo import (DEFAULT_MAX_BATCH, NativeSpectra, 
 from catalogbuilder.models.preprocess import load_label_stats, unnormalize
 from catalogbuilder.models.registry import (MODEL_INFO_FILE, ModelInfo, ModelSummary, NetworkFamily, SpectralModel,
                                             register_family)
-from catalogbuilder.models.weights import load_state_dict, save_state_dict, weights_sha256
+from catalogbuilder.models.weight_files import weights_sha256
+from catalogbuilder.models.weights import load_state_dict, save_state_dict
 
 FAMILY_NET1 = "apogeenet1"
 FAMILY_NET2 = "apogeenet2"

@@ -28,7 +28,8 @@ from catalogbuilder.models.montecarlo import (DEFAULT_MAX_BATCH, LABEL_TO_OUTPUT
                                              monte_carlo_predict, require_noise_source)
 from catalogbuilder.models.preprocess import load_label_stats, log_scale_flux, unnormalize
 from catalogbuilder.models.registry import ModelInfo, ModelSummary, NetworkFamily, SpectralModel, register_family
-from catalogbuilder.models.weights import load_state_dict, weights_sha256
+from catalogbuilder.models.weight_files import weights_sha256
+from catalogbuilder.models.weights import load_state_dict
 
 MODEL_ARGS_FILE = "model_args.yaml"
 # Rows per pass of the convolutional part on a CPU (BossNet.trunk_rows). Full-size APOGEE Net III, FFT convolutions,

@@ -31,12 +31,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from catalogbuilder.constants import CONVOLUTION_MODES
 from catalogbuilder.models.measurements import first_measurement
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS: tuple[str, ...] = ("direct", "fft")
-MODES: tuple[str, ...] = ("auto", *IMPLEMENTATIONS)
 AGREEMENT_TOLERANCE = 1e-5  # largest |fft - direct| / max|direct| for which the FFT form may be selected
 FFT_MARGIN = 1.1  # the FFT form must be this many times faster: near-ties stay on torch's own convolution
 # One implementation this many times faster in the first turn: no further turn. Well clear of FFT_MARGIN, so timing
@@ -381,8 +380,8 @@ def convolution_layers(network: nn.Module) -> Iterator[Conv1d]:
 
 def set_convolution_mode(network: nn.Module, mode: str) -> None:
     """Set ``mode`` (``auto``, ``direct`` or ``fft``) on every selectable convolution of ``network``."""
-    if mode not in MODES:
-        raise ValueError(f"convolution mode must be one of {MODES}, got {mode!r}")
+    if mode not in CONVOLUTION_MODES:
+        raise ValueError(f"convolution mode must be one of {CONVOLUTION_MODES}, got {mode!r}")
     for layer in convolution_layers(network):
         layer.mode = mode
 

@@ -29,7 +29,8 @@ from torch import nn
 from catalogbuilder.constants import NOISELESS_PREFIX
 from catalogbuilder.models.montecarlo import NativeSpectra, draw_statistics
 from catalogbuilder.models.registry import ModelInfo, ModelSummary, NetworkFamily, SpectralModel, register_family
-from catalogbuilder.models.weights import WeightsError, files_sha256, load_state_dict
+from catalogbuilder.models.weight_files import WeightsError, files_sha256
+from catalogbuilder.models.weights import load_state_dict
 
 FAMILY = "photometric"
 CONFIG_FILE = "catalogbuilder.yaml"
