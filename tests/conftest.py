@@ -97,3 +97,10 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     yield mount
     for mount_point in mounted:
         subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # also when a failed test left a file open
+
+
+@pytest.fixture(scope="session")
+def joined_chunks() -> Callable[[Path], bytes]:
+    """A chunked model directory's ``model_chunk_0..9`` bytes concatenated in order (the serialised state_dict whose
+    SHA-256 is its ``weights_sha256``), read with plain file reads, independently of the code under test."""
+    return lambda directory: b"".join((Path(directory) / f"model_chunk_{index}").read_bytes() for index in range(10))

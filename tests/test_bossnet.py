@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from catalogbuilder.constants import GRID_APOGEE, GRID_OPTICAL, LABEL_STATS, gri
 from catalogbuilder.models import preprocess, registry
 from catalogbuilder.models.bossnet import BossNet, BossNetConfig, BossNetModel
 from catalogbuilder.models.registry import ModelInfo, SpectralModel, load_model, register_family
-from catalogbuilder.models.weight_files import N_CHUNKS, WeightsError, chunk_paths, read_weight_bytes
+from catalogbuilder.models.weight_files import N_CHUNKS, WeightsError, chunk_paths
 from catalogbuilder.models.weights import load_state_dict, save_state_dict
 
 SMALL = dict(model_dim=2, dim_mults=[1, 2], kernel_size=5, num_targets=3, adapt_pool_output_dim=8, num_linear=2,
@@ -54,7 +55,7 @@ def write_model_dir(directory: Path, config: BossNetConfig, seed: int = 0, stats
      (11, [1, 1, 2], 8575)],
 )
 def test_other_configs_run_and_round_trip_the_chunked_format(tmp_path: Path, kernel_size: int, dim_mults: list[int],
-                                                            pixels: int) -> None:
+                                                            pixels: int, joined_chunks: Callable[[Path], bytes]) -> None:
     config = BossNetConfig.from_dict({**SMALL, "kernel_size": kernel_size, "dim_mults": dim_mults})
     network = write_model_dir(tmp_path, config, seed=kernel_size)
     flux = torch.randn(3, pixels)
@@ -70,7 +71,7 @@ def test_other_configs_run_and_round_trip_the_chunked_format(tmp_path: Path, ker
     reloaded = BossNet(BossNetConfig.from_yaml(tmp_path)).eval()
     state_dict, sha256 = load_state_dict(tmp_path)
     reloaded.load_weights(state_dict)
-    assert sha256 == hashlib.sha256(read_weight_bytes(tmp_path)).hexdigest()
+    assert sha256 == hashlib.sha256(joined_chunks(tmp_path)).hexdigest()
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(flux), expected, rtol=0, atol=0)
 
@@ -180,13 +181,13 @@ def test_even_kernel_geometry_matches_reference_description() -> None:
     assert lengths == {"conv": 8576, "pool": 4288, "res": 4288}
 
 
-def test_single_pt_file_loads_like_the_chunks(tmp_path: Path) -> None:
+def test_single_pt_file_loads_like_the_chunks(tmp_path: Path, joined_chunks: Callable[[Path], bytes]) -> None:
     config = BossNetConfig.from_dict(SMALL)
     write_model_dir(tmp_path / "chunked", config)
     single = tmp_path / "single"
     single.mkdir()
     shutil.copy(tmp_path / "chunked" / "model_args.yaml", single)
-    (single / "weights.pt").write_bytes(read_weight_bytes(tmp_path / "chunked"))
+    (single / "weights.pt").write_bytes(joined_chunks(tmp_path / "chunked"))
     chunked_model, single_model = load_model(tmp_path / "chunked"), load_model(single)
     assert chunked_model.weights_sha256 == single_model.weights_sha256
     flux = np.random.default_rng(0).uniform(0.5, 2.0, (2, len(grid_wavelength(GRID_APOGEE)))).astype(np.float32)

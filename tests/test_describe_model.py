@@ -7,6 +7,7 @@ import io
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def test_summary_equals_the_loaded_model_and_loads_no_weights(conformance_dir: P
 
 
 def test_checksum_is_cached_and_follows_new_weights(conformance_dir: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    joined_chunks: Callable[[Path], bytes]) -> None:
     model_dir = Path(shutil.copytree(conformance_dir / "apogee_small", tmp_path / "model"))
     first = describe_model(model_dir).weights_sha256
     opened = []
@@ -48,7 +50,7 @@ def test_checksum_is_cached_and_follows_new_weights(conformance_dir: Path, tmp_p
     assert describe_model(model_dir).weights_sha256 == first
     assert not opened, "unchanged files are not read again"
     state_dict, loaded = weights.load_state_dict(model_dir)
-    assert loaded == first == hashlib.sha256(weight_files.read_weight_bytes(model_dir)).hexdigest()
+    assert loaded == first == hashlib.sha256(joined_chunks(model_dir)).hexdigest()
     state_dict["linear_sequential.2.bias"] += 1.0  # same size, rewritten at once
     new = weights.save_state_dict(state_dict, model_dir)
     assert describe_model(model_dir).weights_sha256 == new != first
@@ -86,7 +88,8 @@ def test_concatenated_files_read_as_one_file(tmp_path: Path) -> None:
 
 
 def test_a_background_hash_is_awaited_not_repeated(conformance_dir: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   joined_chunks: Callable[[Path], bytes]) -> None:
     model_dir = Path(shutil.copytree(conformance_dir / "apogee_small", tmp_path / "model"))
     opened, release = [], threading.Event()
 
@@ -106,12 +109,13 @@ def test_a_background_hash_is_awaited_not_repeated(conformance_dir: Path, tmp_pa
     assert result == []  # waiting for the background hash
     release.set()
     asking.join(timeout=30)
-    assert result == [hashlib.sha256(weight_files.read_weight_bytes(model_dir)).hexdigest()]
+    assert result == [hashlib.sha256(joined_chunks(model_dir)).hexdigest()]
     assert set(opened) == {"catalogbuilder-weights-sha256"} and len(opened) == weight_files.N_CHUNKS  # read once
 
 
 def test_weights_changing_while_loaded_are_read_again(conformance_dir: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      joined_chunks: Callable[[Path], bytes]) -> None:
     model_dir = Path(shutil.copytree(conformance_dir / "apogee_small", tmp_path / "model"))
     state_dict, _ = weights.load_state_dict(model_dir)
     state_dict["linear_sequential.2.bias"] += 1.0
@@ -126,7 +130,7 @@ def test_weights_changing_while_loaded_are_read_again(conformance_dir: Path, tmp
     monkeypatch.setattr(torch, "load", load_while_rewritten)
     rewrites_wanted = 1
     loaded, checksum = weights.load_state_dict(model_dir)
-    assert checksum == rewrites[0] == hashlib.sha256(weight_files.read_weight_bytes(model_dir)).hexdigest()
+    assert checksum == rewrites[0] == hashlib.sha256(joined_chunks(model_dir)).hexdigest()
     assert torch.equal(loaded["linear_sequential.2.bias"], state_dict["linear_sequential.2.bias"])
     rewrites_wanted = 1 + weights.LOAD_ATTEMPTS
     with pytest.raises(weights.WeightsError, match="kept changing"):

@@ -7,6 +7,7 @@ hashing a model's weights (:func:`hash_in_background`) while it is still importi
 """
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import hashlib
 import io
@@ -59,11 +60,6 @@ def find_weights(path: str | Path) -> list[Path]:
     return singles
 
 
-def read_weight_bytes(path: str | Path) -> bytes:
-    """The serialised state_dict: the chunks concatenated in order, or the single file's bytes."""
-    return b"".join(part.read_bytes() for part in find_weights(path))
-
-
 class ConcatenatedFiles(io.RawIOBase):
     """The files' bytes concatenated in order, as one read-only, seekable binary file that reads straight from the
     files into the caller's buffer (``readinto``): ``torch.load`` reads each tensor's bytes from the page cache into
@@ -72,7 +68,13 @@ class ConcatenatedFiles(io.RawIOBase):
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
         super().__init__()
-        self._files = [open(path, "rb", buffering=0) for path in paths]  # noqa: SIM115 - closed by close()
+        self._files: list[io.FileIO] = []
+        try:
+            for path in paths:
+                self._files.append(io.FileIO(path, "r"))
+        except OSError:
+            self.close()
+            raise
         self._ends = list(itertools.accumulate(os.fstat(handle.fileno()).st_size for handle in self._files))
         self._position = 0
 
@@ -102,7 +104,7 @@ class ConcatenatedFiles(io.RawIOBase):
         target = memoryview(buffer).cast("B")
         done = 0
         while done < len(target) and self._position < self.size:
-            index = next(i for i, end in enumerate(self._ends) if self._position < end)
+            index = bisect.bisect_right(self._ends, self._position)  # the file holding the position
             start = self._ends[index - 1] if index else 0
             wanted = min(len(target) - done, self._ends[index] - self._position)
             got = os.preadv(self._files[index].fileno(), [target[done:done + wanted]], self._position - start)
