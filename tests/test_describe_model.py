@@ -135,3 +135,15 @@ def test_weights_changing_while_loaded_are_read_again(conformance_dir: Path, tmp
     rewrites_wanted = 1 + weights.LOAD_ATTEMPTS
     with pytest.raises(weights.WeightsError, match="kept changing"):
         weights.load_state_dict(model_dir)
+
+    def fail_while_rewritten(*args: object, **kwargs: object) -> object:  # a read that met the rewrite half-way
+        if not failed:
+            failed.append(weights.save_state_dict(original, model_dir))
+            raise RuntimeError("PytorchStreamReader failed reading file data/3: invalid header or archive is corrupted")
+        return torch_load(*args, **kwargs)
+
+    original, failed = weights.load_state_dict(model_dir)[0], []
+    monkeypatch.setattr(torch, "load", fail_while_rewritten)
+    loaded, checksum = weights.load_state_dict(model_dir)
+    assert checksum == failed[0] == hashlib.sha256(joined_chunks(model_dir)).hexdigest()
+    assert all(torch.equal(loaded[key], value) for key, value in original.items())

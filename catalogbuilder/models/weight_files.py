@@ -63,8 +63,9 @@ def find_weights(path: str | Path) -> list[Path]:
 class ConcatenatedFiles(io.RawIOBase):
     """The files' bytes concatenated in order, as one read-only, seekable binary file that reads straight from the
     files into the caller's buffer (``readinto``): ``torch.load`` reads each tensor's bytes from the page cache into
-    the tensor, with no copy of the whole concatenation in between (full-size APOGEE Net III, 277 MB of tensors: 0.48 →
-    0.18 s to the loaded state_dict, peak memory 555 → 278 MB). Use it as a context manager (it closes its files)."""
+    the tensor, with no copy of the whole concatenation in between (full-size APOGEE Net III, 277 MB of tensors:
+    0.48 → 0.18 s to the loaded state_dict, peak memory 555 → 278 MB). Use it as a context manager (it closes its
+    files)."""
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
         super().__init__()

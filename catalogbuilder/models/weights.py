@@ -1,9 +1,10 @@
 """Model weights in the official SDSS format: a ``torch.save``d state_dict split byte-wise into ``model_chunk_0..9``.
 
 Reading ``torch.load``s the chunks' bytes in order (or one ``.pt``/``.pth`` file) with ``weights_only=True``; finding
-the files, their checksum and reading them without torch is :mod:`catalogbuilder.models.weight_files`. Writing produces the same layout (parts 0–8 hold size//10 bytes, part 9 the rest), so a model
-trained here loads exactly like the official weights. The SHA-256 of the concatenated bytes is the model's
-``weights_sha256`` (the provenance key of every result).
+the files, their checksum and reading them without torch is :mod:`catalogbuilder.models.weight_files`. Writing
+produces the same layout (parts 0–8 hold size//10 bytes, part 9 the rest), so a model trained here loads exactly like
+the official weights. The SHA-256 of the concatenated bytes is the model's ``weights_sha256`` (the provenance key of
+every result).
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
         except OSError:  # the files could not be read: the operating system's reason, unchanged
             raise
         except Exception as error:  # torch raises several types for corrupt or non-weights files
+            if tuple(file_identity(part) for part in files) != before:
+                continue  # bytes of two versions were mixed (e.g. a file shrank under the reader): read again
             raise WeightsError(f"{path}: not a loadable torch state_dict ({type(error).__name__}: "
                                f"{_torch_reason(error)})") from error
         if tuple(file_identity(part) for part in files) == before:
